@@ -1,0 +1,26 @@
+"""torch-morphnet: MorphNet for PyTorch.
+
+Learn how wide each layer of a network should be under a resource budget: add a
+cost-weighted sparsity penalty to the training loss, export the alive channels as JSON,
+rebuild the slimmer network and retrain it.
+"""
+
+from morphnet.costs.hardware import Hardware, register_hardware
+from morphnet.errors import UnsupportedGraphError
+from morphnet.export import StructureExporter
+from morphnet.monitoring import write_summaries
+from morphnet.regularizers import (
+    GammaActivationRegularizer, GammaFlopsRegularizer, GammaLatencyRegularizer, GammaModelSizeRegularizer,
+    GroupLassoActivationRegularizer, GroupLassoFlopsRegularizer, GroupLassoLatencyRegularizer,
+    GroupLassoModelSizeRegularizer, NetworkRegularizer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UnsupportedGraphError", "NetworkRegularizer",
+    "GammaFlopsRegularizer", "GroupLassoFlopsRegularizer", "GammaModelSizeRegularizer",
+    "GroupLassoModelSizeRegularizer", "GammaLatencyRegularizer", "GroupLassoLatencyRegularizer",
+    "GammaActivationRegularizer", "GroupLassoActivationRegularizer",
+    "StructureExporter", "write_summaries", "register_hardware", "Hardware",
+]

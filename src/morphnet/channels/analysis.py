@@ -1,0 +1,374 @@
+"""Stage 2: walk the captured graph with the op-handler table and build channel groups.
+
+The walker is generic; knowledge about ops lives in ``handlers.py``. Each tensor value
+carries at most one channel dimension (an array of element ids along it); a dim that
+carries no ids always has a fixed size, so whenever a handler cannot follow a channel
+dim exactly it *fixes* those channels (they keep their width) instead of guessing.
+Ops with unknown channel semantics that touch channel-carrying tensors raise
+``UnsupportedGraphError``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from morphnet.capture.graph import Graph, OpNode, ValueRef
+from morphnet.channels.elements import ElementTable
+from morphnet.errors import UnsupportedGraphError
+
+
+@dataclass
+class Chan:
+    """The channel dim of a tensor and the element id of each entry along it."""
+
+    dim: int
+    ids: np.ndarray
+
+
+@dataclass
+class StateView:
+    """A tensor that is a view of a parameter or buffer: tensor dim -> state dim (or None)."""
+
+    name: str
+    dims: tuple
+
+
+@dataclass
+class LayerCall:
+    """One call of a conv or linear layer (a weight-carrying op)."""
+
+    module: str
+    weight: str
+    kind: str  # "conv" | "linear"
+    in_ids: np.ndarray
+    out_ids: np.ndarray
+    groups: int
+    depthwise: bool
+    flop_coef: float  # per example: FLOPs = flop_coef * A_in * A_out / groups (depthwise: * A_out)
+    kernel: int  # weights per (input, output) channel pair
+    in_numel: float  # per example, per input channel element
+    out_numel: float  # per example, per output channel element
+    node: int
+
+
+@dataclass
+class WeightInfo:
+    """A conv / linear weight: its output channel elements and its norm layout."""
+
+    module: str
+    name: str
+    out_dim: int
+    out_ids: np.ndarray
+    in_ids: np.ndarray
+    kernel: int
+    groups: int
+    depthwise: bool
+
+
+@dataclass
+class TensorUse:
+    """An activation read or written by a data-moving op (for memory / latency)."""
+
+    ids: np.ndarray | None  # channel elements, or None when its width is fixed
+    numel: float  # per example: per channel element if ids is not None, else in total
+
+
+@dataclass
+class DataOp:
+    """An op that moves data: what it reads and writes."""
+
+    node: int
+    module: str
+    name: str
+    uses: list[TensorUse]
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of the channel stage: groups, per-layer element arrays, sources."""
+
+    graph: Graph
+    group_of: np.ndarray
+    num_groups: int
+    fixed_group: np.ndarray
+    alignments: dict[tuple[str, int], np.ndarray]
+    opaque_states: set[str]
+    layer_calls: list[LayerCall]
+    weights: dict[str, WeightInfo]
+    gamma_sources: dict[str, np.ndarray]  # BN weight name -> elements
+    data_ops: list[DataOp]
+    module_out_ids: dict[str, np.ndarray]  # conv / linear / BN module -> output elements
+    blacklisted_group: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.graph.batch_size
+
+    def groups(self, ids: np.ndarray) -> np.ndarray:
+        return self.group_of[ids]
+
+
+def _norm_names(items, model: nn.Module | None, what: str) -> list[str]:
+    if not items:
+        return []
+    by_id = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+    names = []
+    for it in items:
+        if isinstance(it, nn.Module):
+            if id(it) not in by_id:
+                raise ValueError(f"{what}: module {type(it).__name__} is not part of the model")
+            names.append(by_id[id(it)])
+        elif isinstance(it, str):
+            names.append(it)
+        else:
+            raise TypeError(f"{what}: expected module names or modules, got {type(it).__name__}")
+    return names
+
+
+def _inside(module: str, names: Iterable[str]) -> bool:
+    return any(module == n or module.startswith(n + ".") or n == "" for n in names)
+
+
+class Walker:
+    """Generic graph walker; handlers call its methods to read and write channel state."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.elements = ElementTable()
+        self.chans: dict[int, Chan] = {}
+        self.state_views: dict[int, StateView] = {}
+        self.derived: dict[int, set[str]] = {}
+        self.slots: dict[tuple[str, int], np.ndarray] = {}
+        self.opaque: set[str] = set()
+        self.layer_calls: list[LayerCall] = []
+        self.weights: dict[str, WeightInfo] = {}
+        self.gamma: dict[str, np.ndarray] = {}
+        self.data_ops: list[DataOp] = []
+        self.module_out: dict[str, np.ndarray] = {}
+        self.node: OpNode | None = None
+        for v in graph.values:
+            if v.state_name is not None:
+                self.state_views[v.index] = StateView(v.state_name, tuple(range(len(v.shape))))
+
+    # ---- reading -------------------------------------------------------------
+    def shape(self, v: int) -> tuple[int, ...]:
+        return self.graph.values[v].shape
+
+    def chan(self, v: int | None) -> Chan | None:
+        return None if v is None else self.chans.get(v)
+
+    def state_view(self, v: int | None) -> StateView | None:
+        return None if v is None else self.state_views.get(v)
+
+    def states_in(self, v: int) -> set[str]:
+        sv = self.state_views.get(v)
+        out = set(self.derived.get(v, ()))
+        if sv is not None:
+            out.add(sv.name)
+        return out
+
+    def per_example(self, v: int) -> float:
+        shape = self.shape(v)
+        return float(np.prod(shape, dtype=np.float64)) / self.graph.batch_size
+
+    # ---- writing -------------------------------------------------------------
+    def set_chan(self, v: int | None, chan: Chan | None) -> None:
+        if v is not None and chan is not None:
+            if chan.dim < 0:
+                chan = Chan(chan.dim + len(self.shape(v)), chan.ids)
+            if self.shape(v)[chan.dim] != len(chan.ids):
+                raise AssertionError(f"channel ids do not match shape in {self.describe()}")
+            self.chans[v] = chan
+
+    def fix(self, v: int | None) -> None:
+        c = self.chan(v)
+        if c is not None:
+            self.elements.fix(c.ids)
+        self.make_opaque(v)
+
+    def make_opaque(self, v: int | None) -> None:
+        if v is not None:
+            self.opaque |= self.states_in(v)
+
+    def need_chan(self, v: int, dim: int) -> np.ndarray:
+        """Element ids along ``dim`` of ``v``; fresh fixed ids when the dim carries none."""
+        dim = dim % len(self.shape(v))
+        c = self.chan(v)
+        if c is not None and c.dim == dim:
+            return c.ids
+        if c is not None:
+            self.elements.fix(c.ids)
+        ids = self.elements.new(self.shape(v)[dim], fixed=True)
+        self.chans[v] = Chan(dim, ids)
+        return ids
+
+    def slot(self, state: str, dim: int) -> np.ndarray:
+        key = (state, dim)
+        if key not in self.slots:
+            self.slots[key] = self.elements.new(self.graph.state_shapes[state][dim])
+        return self.slots[key]
+
+    def align(self, state: str, dim: int, ids: np.ndarray) -> None:
+        """Entries of state ``dim`` follow the channels ``ids`` (sliced together on rebuild)."""
+        slot = self.slot(state, dim)
+        if len(slot) != len(ids):
+            self.elements.fix(ids)
+            self.opaque.add(state)
+        else:
+            self.elements.union(slot, ids)
+
+    def derive(self, out: int | None, *sources: int | None) -> None:
+        """Mark ``out`` as computed from model state in a way that is not a plain view."""
+        if out is None:
+            return
+        names: set[str] = set()
+        for s in sources:
+            if s is not None:
+                names |= self.states_in(s)
+        if names:
+            self.derived[out] = names
+
+    # ---- errors --------------------------------------------------------------
+    def describe(self) -> str:
+        n = self.node
+        return f"aten op '{n.name}' in {self.graph.owner_description(n.module)}" if n else "the graph"
+
+    def unsupported(self, why: str) -> UnsupportedGraphError:
+        return UnsupportedGraphError(
+            f"{self.describe()}: {why}. torch-morphnet cannot map its channels exactly. Exclude the "
+            f"module from the analysis with input_boundary=[...] (everything upstream of it) or "
+            f"output_boundary=[...] (it and everything downstream), or report the op."
+        )
+
+
+def analyze_channels(
+    graph: Graph,
+    *,
+    model: nn.Module | None = None,
+    input_boundary=None,
+    output_boundary=None,
+    force_group=None,
+    regularizer_blacklist=None,
+    prune_outputs: bool = False,
+) -> ChannelAnalysis:
+    """Walk ``graph`` and return the channel groups and per-layer data."""
+    from morphnet.channels.handlers import HANDLERS, handle_unknown
+
+    in_bound = _norm_names(input_boundary, model, "input_boundary")
+    out_bound = _norm_names(output_boundary, model, "output_boundary")
+    for n in in_bound + out_bound:
+        if n not in graph.module_types:
+            raise ValueError(f"boundary module '{n}' is not a module of the model (see model.named_modules())")
+    skip = _excluded_nodes(graph, in_bound, out_bound)
+
+    w = Walker(graph)
+    for node in graph.nodes:
+        w.node = node
+        if node.index in skip:
+            if skip[node.index] == "output":
+                for v in node.tensor_inputs():
+                    if graph.values[v].producer is None or graph.values[v].producer not in skip:
+                        w.fix(v)
+            continue
+        handler = HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket)
+        if handler is None:
+            handle_unknown(w, node)
+        else:
+            handler(w, node)
+    w.node = None
+    if not prune_outputs:
+        for v in graph.outputs:
+            w.fix(v)
+    for name in w.opaque:
+        for (state, dim), ids in w.slots.items():
+            if state == name:
+                w.elements.fix(ids)
+
+    _force_groups(w, force_group)
+    group_of, num_groups, fixed = w.elements.components()
+    blacklisted = np.zeros(num_groups, dtype=bool)
+    for pattern in regularizer_blacklist or []:
+        hits = [n for n in w.module_out if re.search(pattern, n)]
+        if not hits:
+            raise ValueError(f"regularizer_blacklist pattern {pattern!r} matches no conv, linear or "
+                             f"BatchNorm module; names look like {sorted(w.module_out)[:3]}")
+        for n in hits:
+            blacklisted[group_of[w.module_out[n]]] = True
+    return ChannelAnalysis(
+        graph=graph, group_of=group_of, num_groups=num_groups, fixed_group=fixed,
+        alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
+        weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
+        blacklisted_group=blacklisted,
+    )
+
+
+def _force_groups(w: Walker, patterns) -> None:
+    for pattern in patterns or []:
+        hits = sorted(n for n in w.module_out if re.search(pattern, n))
+        if not hits:
+            raise ValueError(f"force_group pattern {pattern!r} matches no conv, linear or BatchNorm "
+                             f"module; names look like {sorted(w.module_out)[:3]}")
+        first = w.module_out[hits[0]]
+        for n in hits[1:]:
+            ids = w.module_out[n]
+            if len(ids) != len(first):
+                raise ValueError(f"force_group pattern {pattern!r}: '{hits[0]}' has {len(first)} output "
+                                 f"channels but '{n}' has {len(ids)}; only equal widths can be grouped")
+            w.elements.union(first, ids)
+
+
+def _excluded_nodes(graph: Graph, in_bound: list[str], out_bound: list[str]) -> dict[int, str]:
+    """Nodes excluded by the boundaries: 'input' (upstream side) or 'output' (downstream side)."""
+    skip: dict[int, str] = {}
+    if in_bound:
+        consumers: dict[int, list[int]] = {}
+        for node in graph.nodes:
+            for v in node.tensor_inputs():
+                consumers.setdefault(v, []).append(node.index)
+        for node in graph.nodes:
+            if _inside(node.module, in_bound):
+                skip[node.index] = "input"
+        outputs = set(graph.outputs)
+        for node in reversed(graph.nodes):  # upstream nodes that only feed excluded ones
+            if node.index in skip:
+                continue
+            outs = [v for v in node.outputs if v is not None]
+            users = [u for v in outs for u in consumers.get(v, [])]
+            if outs and users and all(u in skip for u in users) and not outputs.intersection(outs):
+                skip[node.index] = "input"
+    if out_bound:
+        tainted: set[int] = set()
+        for node in graph.nodes:
+            if _inside(node.module, out_bound) or tainted.intersection(node.tensor_inputs()):
+                if node.index not in skip:
+                    skip[node.index] = "output"
+                tainted.update(v for v in node.outputs if v is not None)
+    return skip
+
+
+def bind(node: OpNode) -> dict[str, Any]:
+    """Arguments of ``node`` by schema name, defaults filled in."""
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(node.op._schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def vid(x) -> int | None:
+    return x.index if isinstance(x, ValueRef) else None
+
+
+__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "WeightInfo", "DataOp", "TensorUse", "analyze_channels",
+           "Walker", "bind", "vid", "torch"]

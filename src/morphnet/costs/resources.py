@@ -1,0 +1,144 @@
+"""Resource functions: turn the channel analysis into a cost program.
+
+A cost program is a list of *terms*, each attached to a layer (an op) and a kind
+(compute or memory). With A(S) = alive channels of element set S and R(S) = the sum
+of the regularization vector over S:
+
+- bilinear term  c * A(x) * A(y)      regularizer  c * (A(x) R(y) + A(y) R(x))
+- linear term    c * A(x)             regularizer  c * (R(x) + R(z))   (z: depthwise input)
+- constant       c                    regularizer  0
+
+Conventions (DESIGN.md section 2): FLOPs per example are 2 x MACs of conv and linear
+ops; grouped convs divide by the groups (which pruning keeps); depthwise convs cost
+C * A_out. Model size counts conv / linear weights once per parameter. Activation
+count is A_out per conv / linear call. Memory is 4 bytes per element of
+(inputs + outputs) x batch + weights. Latency is, per op, the max of
+FLOPs x batch / peak and bytes / bandwidth (roofline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from morphnet.channels.analysis import ChannelAnalysis
+from morphnet.costs.hardware import Hardware
+
+COMPUTE, MEMORY = 0, 1
+BYTES_PER_ELEMENT = 4
+
+
+@dataclass
+class CostProgram:
+    """Element sets and cost terms; evaluated by ``morphnet.evaluation``."""
+
+    sets: list[np.ndarray] = field(default_factory=list)
+    layer_modules: list[str] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+    bilinear: list[tuple[int, int, float, int, int]] = field(default_factory=list)  # layer, kind, c, x, y
+    linear: list[tuple[int, int, float, int, int]] = field(default_factory=list)  # layer, kind, c, x, z
+    const: list[tuple[int, int, float]] = field(default_factory=list)  # layer, kind, c
+    roofline: bool = False
+    _set_ids: dict = field(default_factory=dict)
+
+    def set_of(self, ids: np.ndarray | None) -> int:
+        """Index of an element set (-1 for none); identical arrays share one set."""
+        if ids is None:
+            return -1
+        key = id(ids)
+        if key not in self._set_ids:
+            self._set_ids[key] = (len(self.sets), ids)
+            self.sets.append(ids)
+        return self._set_ids[key][0]
+
+    def layer(self, module: str, name: str) -> int:
+        self.layer_modules.append(module)
+        self.layer_names.append(name)
+        return len(self.layer_modules) - 1
+
+
+def _flops(p: CostProgram, a: ChannelAnalysis, layer_of=None, scale: float = 1.0) -> None:
+    for call in a.layer_calls:
+        li = layer_of(call) if layer_of else p.layer(call.module, f"{call.kind}:{call.weight}")
+        x, y = p.set_of(call.in_ids), p.set_of(call.out_ids)
+        if call.depthwise:
+            p.linear.append((li, COMPUTE, call.flop_coef * scale, y, x))
+        else:
+            p.bilinear.append((li, COMPUTE, call.flop_coef / call.groups * scale, x, y))
+
+
+def _size(p: CostProgram, a: ChannelAnalysis) -> None:
+    for wi in a.weights.values():
+        li = p.layer(wi.module, f"weight:{wi.name}")
+        x, y = p.set_of(wi.in_ids), p.set_of(wi.out_ids)
+        if wi.depthwise:
+            p.linear.append((li, COMPUTE, float(wi.kernel), y, x))
+        else:
+            p.bilinear.append((li, COMPUTE, wi.kernel / wi.groups, x, y))
+
+
+def _activations(p: CostProgram, a: ChannelAnalysis) -> None:
+    for call in a.layer_calls:
+        li = p.layer(call.module, f"{call.kind}:{call.weight}")
+        p.linear.append((li, COMPUTE, 1.0, p.set_of(call.out_ids), -1))
+
+
+def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, layer_of) -> None:
+    b = BYTES_PER_ELEMENT * scale
+    for call in a.layer_calls:
+        li = layer_of(call)
+        x, y = p.set_of(call.in_ids), p.set_of(call.out_ids)
+        p.linear.append((li, MEMORY, b * batch_size * call.in_numel, x, -1))
+        p.linear.append((li, MEMORY, b * batch_size * call.out_numel, y, -1))
+        if call.weight:
+            if call.depthwise:
+                p.linear.append((li, MEMORY, b * call.kernel, y, -1))
+            else:
+                p.bilinear.append((li, MEMORY, b * call.kernel / call.groups, x, y))
+    for op in a.data_ops:
+        li = p.layer(op.module, op.name)
+        for use in op.uses:
+            if use.ids is None:
+                p.const.append((li, MEMORY, b * batch_size * use.numel))
+            else:
+                p.linear.append((li, MEMORY, b * batch_size * use.numel, p.set_of(use.ids), -1))
+
+
+def _layer_per_call(p: CostProgram):
+    cache: dict[int, int] = {}
+
+    def layer_of(call):
+        if call.node not in cache:
+            cache[call.node] = p.layer(call.module, f"{call.kind}:{call.weight}")
+        return cache[call.node]
+    return layer_of
+
+
+def build_cost_program(a: ChannelAnalysis, resource: str, *, hardware: Hardware | None = None,
+                       batch_size: int = 1) -> CostProgram:
+    """Cost program of ``resource`` ('flops', 'size', 'activations', 'memory', 'latency')."""
+    if resource not in RESOURCES:
+        raise ValueError(f"unknown resource {resource!r}; choose one of {', '.join(RESOURCES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    p = CostProgram()
+    if resource == "flops":
+        _flops(p, a)
+    elif resource == "size":
+        _size(p, a)
+    elif resource == "activations":
+        _activations(p, a)
+    elif resource == "memory":
+        _memory(p, a, batch_size, 1.0, _layer_per_call(p))
+    else:
+        if hardware is None:
+            raise ValueError("the latency resource needs a hardware entry")
+        p.roofline = True
+        layer_of = _layer_per_call(p)
+        _flops(p, a, layer_of, scale=batch_size / hardware.peak_compute)
+        _memory(p, a, batch_size, 1.0 / hardware.memory_bandwidth, layer_of)
+    return p
+
+
+RESOURCES = ("flops", "size", "activations", "memory", "latency")

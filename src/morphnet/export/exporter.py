@@ -1,0 +1,70 @@
+"""Write ``{module name: alive output channels}`` JSON files, the learned structure."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class StructureExporter:
+    """Reads alive counts from a network regularizer and saves them as JSON.
+
+    Keys are the conv / linear modules whose output channels are regularized; layers
+    with fixed widths (for example the logits layer) are absent. Files are one flat
+    JSON object, keys sorted, indent 2, integer values.
+    """
+
+    def __init__(self, network_regularizer, remove_common_prefix: bool = False):
+        self.regularizer = network_regularizer
+        self.remove_common_prefix = remove_common_prefix
+
+    def get_alive_counts(self) -> dict[str, int]:
+        counts = self.regularizer.alive_counts()
+        if self.remove_common_prefix and counts:
+            heads = {k.split(".", 1)[0] for k in counts}
+            if len(heads) == 1 and all("." in k for k in counts):
+                prefix = heads.pop() + "."
+                counts = {k[len(prefix):]: v for k, v in counts.items()}
+        return dict(sorted(counts.items()))
+
+    def save_alive_counts(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        _atomic_write_json(path, self.get_alive_counts())
+        return path
+
+    def create_file_and_save_alive_counts(self, base_dir: str | os.PathLike, global_step: int) -> Path:
+        path = Path(base_dir) / "learned_structure" / f"alive_{int(global_step)}.json"
+        return self.save_alive_counts(path)
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_alive_counts(path: str | os.PathLike) -> dict[str, int]:
+    """Read an exporter JSON file; clear errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"structure file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"structure file {path} is not valid JSON ({e}); re-export it with StructureExporter") from e
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"structure file {path} must hold one JSON object mapping module names to counts")
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"structure file {path}: the count of '{k}' must be an integer, got {v!r}")
+    return data

@@ -1,0 +1,230 @@
+"""Network regularizers: analysis + source + cost program behind the public API."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from morphnet.capture import capture_graph
+from morphnet.channels import analyze_channels
+from morphnet.costs import build_cost_program, get_hardware
+from morphnet.evaluation import CostEvaluator
+from morphnet.sources import GammaSource, GroupLassoSource, Source, SourceGrouping
+
+_COST_NAMES = {"flops": "FLOPs", "size": "ModelSize", "latency": "Latency", "activations": "Activations",
+               "memory": "MemoryBytes"}
+_RESOURCE_NAMES = {"flops": "Flops", "size": "ModelSize", "latency": "Latency", "activations": "Activation",
+                   "memory": "Memory"}
+
+
+class NetworkRegularizer:
+    """A cost-weighted sparsity penalty over the prunable channels of ``model``.
+
+    Subclasses choose the source (what is penalized) and the resource (what it costs).
+    The analysis runs once, here; the term and the cost are then a fixed number of
+    batched tensor ops that read the model's current parameters.
+    """
+
+    source_name = ""
+
+    def __init__(self, model: nn.Module, example_inputs, *, resource: str, hardware=None, batch_size: int = 1,
+                 input_boundary: Sequence | None = None, output_boundary: Sequence | None = None,
+                 force_group: Sequence[str] | None = None, regularizer_blacklist: Sequence[str] | None = None,
+                 regularizer_decorator: Callable | None = None, decorator_parameters: dict | None = None,
+                 prune_outputs: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.resource = resource
+        self.hardware = get_hardware(hardware) if hardware is not None else None
+        if resource == "latency" and self.hardware is None:
+            raise ValueError("latency regularizers need hardware=..., e.g. 'V100' or 'H100'")
+        self.batch_size = batch_size
+        self.graph = capture_graph(model, example_inputs)
+        self.analysis = analyze_channels(
+            self.graph, model=model, input_boundary=input_boundary, output_boundary=output_boundary,
+            force_group=force_group, regularizer_blacklist=regularizer_blacklist, prune_outputs=prune_outputs)
+        self.source = self._make_source(model)
+        self.grouping = SourceGrouping(self.analysis, self.source)
+        if not self.grouping.regularized.any():
+            raise ValueError(self._no_source_message())
+        self.program = build_cost_program(self.analysis, resource, hardware=self.hardware, batch_size=batch_size)
+        self.evaluator = CostEvaluator(self.program, self.analysis.group_of, self.analysis.num_groups)
+        self.decorator = regularizer_decorator
+        self.decorator_parameters = dict(decorator_parameters or {})
+        self._module_names = {n for n, _ in model.named_modules()}
+        self._module_ids = {id(m): n for n, m in model.named_modules()}
+        self._export = self._export_table()
+
+    # ---- subclass hooks ---------------------------------------------------------------------------
+    def _make_source(self, model: nn.Module) -> Source:
+        raise NotImplementedError
+
+    def _no_source_message(self) -> str:
+        return (f"{type(self).__name__}: no {self.source.description} reaches a prunable channel group of "
+                f"{type(self.model).__name__}, so there is nothing to regularize.")
+
+    # ---- public API -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"{self.source_name}{_RESOURCE_NAMES[self.resource]}"
+
+    @property
+    def cost_name(self) -> str:
+        return _COST_NAMES[self.resource]
+
+    def get_regularization_term(self, modules=None) -> torch.Tensor:
+        """Differentiable 0-dim penalty on the sources' device and dtype."""
+        values = self.source.values()
+        alive_g, reg_g = self._group_vectors(values, with_reg=True)
+        _, term = self.evaluator.evaluate(alive_g, reg_g, self._mask(modules, values.device))
+        return term.to(values.dtype)
+
+    def get_cost(self, modules=None) -> torch.Tensor:
+        """Cost of the network with the currently alive channels (0-dim, no gradient)."""
+        with torch.no_grad():
+            values = self.source.values()
+            alive_g, _ = self._group_vectors(values, with_reg=False)
+            cost, _ = self.evaluator.evaluate(alive_g, None, self._mask(modules, values.device))
+        return cost
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _group_vectors(self, values: torch.Tensor, with_reg: bool):
+        alive = self.source.alive(values)
+        alive_g, reg_g = self.grouping.group_vectors(values, alive, with_reg)
+        if self.decorator is not None:
+            alive_g, reg_g = self.decorator(alive_g, reg_g, **self.decorator_parameters)
+        return alive_g, reg_g
+
+    def alive_groups(self) -> torch.Tensor:
+        """Per-group alive flags (bool, on the sources' device)."""
+        with torch.no_grad():
+            values = self.source.values()
+            alive_g, _ = self._group_vectors(values, with_reg=False)
+        return alive_g > 0.5
+
+    def _mask(self, modules, device) -> torch.Tensor | None:
+        if modules is None:
+            return None
+        if isinstance(modules, (str, nn.Module)):
+            modules = [modules]
+        names = []
+        for m in modules:
+            name = self._module_ids.get(id(m)) if isinstance(m, nn.Module) else m
+            if name is None or name not in self._module_names:
+                raise ValueError(f"modules: {m!r} is not a module of the model (see model.named_modules())")
+            names.append(name)
+        layer_mods = self.evaluator.layer_modules
+        sel = np.array([any(lm == n or lm.startswith(n + ".") or n == "" for n in names) for lm in layer_mods],
+                       dtype=bool)
+        return self.evaluator.layer_mask(sel, device)
+
+    def _export_table(self) -> list[tuple[str, np.ndarray]]:
+        """(module, output-channel groups) for conv / linear layers with regularized outputs."""
+        rows = []
+        for info in self.analysis.weights.values():
+            groups = self.analysis.group_of[info.out_ids]
+            if self.grouping.regularized[groups].any():
+                rows.append((info.module, groups))
+        return sorted(rows)
+
+    def alive_counts(self) -> dict[str, int]:
+        """Alive output channels of every conv / linear layer whose outputs are regularized."""
+        if not self._export:
+            return {}
+        alive = self.alive_groups().cpu().numpy()
+        return {name: int(alive[groups].sum()) for name, groups in self._export}
+
+
+class _Gamma(NetworkRegularizer):
+    source_name = "Gamma"
+
+    def __init__(self, model, example_inputs, *, gamma_threshold: float, **kw):
+        self.gamma_threshold = gamma_threshold
+        super().__init__(model, example_inputs, **kw)
+
+    def _make_source(self, model):
+        return GammaSource(model, self.analysis, self.gamma_threshold)
+
+    def _no_source_message(self) -> str:
+        return (super()._no_source_message() + " Gamma regularizers need BatchNorm layers after the prunable "
+                "convs / linears; use the GroupLasso variant of this regularizer, which penalizes the weights.")
+
+
+class _GroupLasso(NetworkRegularizer):
+    source_name = "GroupLasso"
+
+    def __init__(self, model, example_inputs, *, threshold: float, l1_fraction: float = 0.0, **kw):
+        if not 0.0 <= l1_fraction <= 1.0:
+            raise ValueError(f"l1_fraction must be in [0, 1], got {l1_fraction}")
+        self.threshold = threshold
+        self.l1_fraction = l1_fraction
+        super().__init__(model, example_inputs, **kw)
+
+    def _make_source(self, model):
+        return GroupLassoSource(model, self.analysis, self.threshold, self.l1_fraction)
+
+
+class GammaFlopsRegularizer(_Gamma):
+    """L1 on BatchNorm gammas weighted by FLOPs."""
+
+    def __init__(self, model, example_inputs, gamma_threshold: float, **kw):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, resource="flops", **kw)
+
+
+class GroupLassoFlopsRegularizer(_GroupLasso):
+    """Group lasso on conv / linear weights weighted by FLOPs."""
+
+    def __init__(self, model, example_inputs, threshold: float, l1_fraction: float = 0.0, **kw):
+        super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="flops", **kw)
+
+
+class GammaModelSizeRegularizer(_Gamma):
+    """L1 on BatchNorm gammas weighted by weight count."""
+
+    def __init__(self, model, example_inputs, gamma_threshold: float, **kw):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, resource="size", **kw)
+
+
+class GroupLassoModelSizeRegularizer(_GroupLasso):
+    """Group lasso weighted by weight count."""
+
+    def __init__(self, model, example_inputs, threshold: float, l1_fraction: float = 0.0, **kw):
+        super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="size", **kw)
+
+
+class GammaLatencyRegularizer(_Gamma):
+    """L1 on BatchNorm gammas weighted by roofline latency on ``hardware``."""
+
+    def __init__(self, model, example_inputs, gamma_threshold: float, hardware, batch_size: int = 1, **kw):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, resource="latency",
+                         hardware=hardware, batch_size=batch_size, **kw)
+
+
+class GroupLassoLatencyRegularizer(_GroupLasso):
+    """Group lasso weighted by roofline latency on ``hardware``."""
+
+    def __init__(self, model, example_inputs, threshold: float, hardware, batch_size: int = 1,
+                 l1_fraction: float = 0.0, **kw):
+        super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="latency",
+                         hardware=hardware, batch_size=batch_size, **kw)
+
+
+class GammaActivationRegularizer(_Gamma):
+    """L1 on BatchNorm gammas weighted by the alive activation count."""
+
+    def __init__(self, model, example_inputs, gamma_threshold: float, **kw):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, resource="activations", **kw)
+
+
+class GroupLassoActivationRegularizer(_GroupLasso):
+    """Group lasso weighted by the alive activation count."""
+
+    def __init__(self, model, example_inputs, threshold: float, l1_fraction: float = 0.0, **kw):
+        super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction,
+                         resource="activations", **kw)

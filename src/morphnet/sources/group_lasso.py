@@ -1,0 +1,62 @@
+"""Group-lasso source: the norm of each output channel's weights of conv / linear layers.
+
+norm = l1_fraction * mean|w| + (1 - l1_fraction) * sqrt(mean(w ** 2)) over the weights of
+one output channel; alive = norm > threshold. Weights are bucketed by row length (input
+channels x kernel area); each bucket costs one ``cat`` and a few element-wise ops, so the
+op count grows with the number of distinct row shapes, not with depth (ResNet-18 and
+ResNet-152 have the same buckets; DenseNet's growing inputs make more).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from morphnet.channels.analysis import ChannelAnalysis
+from morphnet.sources.base import Source, _param
+
+
+class GroupLassoSource(Source):
+    description = "conv / linear weight group norm"
+
+    def __init__(self, model: nn.Module, analysis: ChannelAnalysis, threshold: float, l1_fraction: float = 0.0):
+        if not 0.0 <= l1_fraction <= 1.0:
+            raise ValueError(f"l1_fraction must be in [0, 1], got {l1_fraction}")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.threshold = float(threshold)
+        self.l1_fraction = float(l1_fraction)
+        buckets: dict[int, list] = {}
+        for name in sorted(analysis.weights):
+            info = analysis.weights[name]
+            if name in analysis.opaque_states:
+                continue
+            shape = analysis.graph.state_shapes[name]
+            rows = shape[info.out_dim]
+            row_len = int(np.prod(shape, dtype=np.int64)) // rows
+            buckets.setdefault(row_len, []).append((name, info))
+        self.buckets = []
+        elements = []
+        for row_len in sorted(buckets):
+            entries = [(_param(model, n), i.out_dim, len(i.out_ids)) for n, i in buckets[row_len]]
+            self.buckets.append((row_len, entries))
+            elements.extend(i.out_ids for _, i in buckets[row_len])
+        self.elements = np.concatenate(elements) if elements else np.zeros(0, np.int64)
+
+    def values(self) -> torch.Tensor:
+        norms = []
+        for row_len, entries in self.buckets:
+            rows = torch.cat([(getattr(m, a) if d == 0 else getattr(m, a).movedim(d, 0)).reshape(n, row_len)
+                              for (m, a), d, n in entries])
+            norm = None
+            if self.l1_fraction < 1.0:
+                norm = (1.0 - self.l1_fraction) * rows.square().mean(1).clamp_min(1e-30).sqrt()  # no NaN grad at 0
+            if self.l1_fraction > 0.0:
+                l1 = self.l1_fraction * rows.abs().mean(1)
+                norm = l1 if norm is None else norm + l1
+            norms.append(norm)
+        return torch.cat(norms)
+
+    def alive(self, values: torch.Tensor) -> torch.Tensor:
+        return values > self.threshold
