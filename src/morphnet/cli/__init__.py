@@ -1,0 +1,1 @@
+"""The ``morphnet`` command line (``morphnet.cli.main:main``)."""

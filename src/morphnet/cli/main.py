@@ -1,0 +1,180 @@
+"""``morphnet run | learn | rebuild | cost | report``: a thin argparse layer over ``morphnet.pipeline``.
+
+Every subcommand runs on the embedded default (digits CNN on scikit-learn's digits) when given no
+model or data. Bad arguments end with ``morphnet: error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
+
+from morphnet.data import DATA_HELP, DataError
+from morphnet.pipeline import files
+from morphnet.pipeline.config import DEFAULT_TARGET_COST, RunConfig
+from morphnet.pipeline.regularizers import UNITS, regularizer_names
+from morphnet.seeds import SeedError, list_seeds
+
+EPILOG = "Docs and examples: README.md. Under torchrun, `learn` and `run` use DistributedDataParallel."
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--model", default=None, help=(
+        f"seed network: a built-in ({', '.join(list_seeds())}; default digits_cnn), torchvision:NAME, "
+        "timm:NAME, package.module:factory or path/to/file.py:factory"))
+    group.add_argument("--data", default=None, help=DATA_HELP)
+    group.add_argument("--image-size", type=_positive_int, default=None,
+                       help="resize images of folders / torchvision datasets to this size (default: 32 for folders)")
+    group.add_argument("--seed", type=int, default=None, help="random seed of initialization, data order and splits (default 0)")
+    group.add_argument("--hardware", default=None, help="hardware of the latency model (e.g. V100, T4, H100)")
+
+
+def _run_options(parser: argparse.ArgumentParser, out_help: str) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", default=None, help=out_help)
+    group.add_argument("--device", default=None, help="auto (a GPU when available), cpu, cuda or cuda:N")
+    group.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; results only")
+
+
+def _learn_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("structure learning")
+    group.add_argument("--target", choices=sorted(UNITS), default=None, help="resource to reduce (default flops)")
+    group.add_argument("--regularizer", choices=regularizer_names(), default=None,
+                       help="penalty source: gamma (BatchNorm scales) or group-lasso (weights); default gamma")
+    group.add_argument("--strength", type=float, default=None,
+                       help="fixed regularization strength (the original behaviour); with --target-cost, "
+                            "the starting strength (default 1 / seed cost)")
+    group.add_argument("--target-cost", type=float, default=None,
+                       help=f"steer the strength to land on this cost: <= 1 a fraction of the seed's, > 1 "
+                            f"absolute (default {DEFAULT_TARGET_COST} unless --strength is given)")
+    group.add_argument("--tolerance", type=float, default=None, help="accepted relative distance to --target-cost (default 0.05)")
+    group.add_argument("--threshold", type=float, default=None,
+                       help="alive threshold of the regularizer's source (default 0.01)")
+    group.add_argument("--steps", type=_positive_int, default=None, help="structure learning steps (default 1500)")
+    group.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (default 64)")
+    group.add_argument("--lr", type=float, default=None, help="fixed learning rate of structure learning (default 0.05)")
+    group.add_argument("--export-every", type=_positive_int, default=None,
+                       help="write learned_structure/alive_<step>.json every N steps (default steps/10; always the last)")
+    group.add_argument("--log-every", type=_positive_int, default=None, help="record metrics every N steps (default 10)")
+
+
+def _rebuild_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("rebuild and retrain")
+    group.add_argument("--expand-to", type=float, default=None,
+                       help="scale all learned widths by one factor to spend this budget (<= 1: fraction of the "
+                            "seed's cost, > 1: absolute)")
+    group.add_argument("--round-to", type=_positive_int, default=None, help="round every width to a multiple of N")
+    group.add_argument("--retrain-steps", type=_positive_int, default=None,
+                       help="steps of retraining from scratch (default: --steps)")
+    group.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of retraining, cosine decay (default 0.05)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``morphnet`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="morphnet", epilog=EPILOG,
+        description="MorphNet for PyTorch: learn layer widths under a FLOP, size or latency budget.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="the whole pipeline: learn, rebuild, retrain, evaluate, report",
+                              description="Learn the structure, rebuild, retrain slim and seed with the same "
+                                          "recipe, evaluate both and write a report.", epilog=EPILOG)
+    _model_options(run)
+    _learn_options(run)
+    _rebuild_options(run)
+    run.add_argument("--no-baseline", action="store_true", help="do not train the seed for comparison")
+    _run_options(run, "run folder (default morphnet_run)")
+
+    learn = commands.add_parser("learn", help="structure learning only: write learned_structure/alive_<step>.json",
+                                epilog=EPILOG)
+    _model_options(learn)
+    _learn_options(learn)
+    _run_options(learn, "run folder (default morphnet_run)")
+
+    rebuild = commands.add_parser("rebuild", help="build the slim network from a learned structure",
+                                  description="Rebuild the seed with learned widths (the latest structure of "
+                                              "--out unless --structure is given); model and data default to "
+                                              "those of the run in --out.")
+    _model_options(rebuild)
+    rebuild.add_argument("--structure", default=None, help="alive-count JSON file (default: latest in --out)")
+    rebuild.add_argument("--target", choices=sorted(UNITS), default=None, help="resource of --expand-to (default flops)")
+    _rebuild_options(rebuild)
+    rebuild.add_argument("--retrain", action="store_true", help="also retrain the slim network and evaluate it")
+    _run_options(rebuild, "run folder to read the structure from and write slim/ into (default morphnet_run)")
+
+    cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model")
+    _model_options(cost)
+    cost.add_argument("--structure", default=None, help="show the slim network built with this alive-count JSON")
+    cost.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    report = commands.add_parser("report", help="render a run folder's plots and summary into report.html")
+    report.add_argument("run_dir", help="the --out folder of `morphnet run` or `morphnet learn`")
+    return parser
+
+
+def _config(args: argparse.Namespace, saved: dict | None = None) -> RunConfig:
+    """A RunConfig from the options given; options left out come from ``saved`` (a run's
+    config.json), then from RunConfig's defaults."""
+    names = {f.name for f in fields(RunConfig)}
+    values = {k: v for k, v in (saved or {}).items() if k in names}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    if getattr(args, "no_baseline", False):
+        values["baseline"] = False
+    return RunConfig.from_dict(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``morphnet`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (SeedError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"morphnet: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("morphnet: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from morphnet import pipeline
+    from morphnet.reporting import format_cost_table, write_report
+
+    if args.command == "report":
+        print(write_report(Path(args.run_dir)))
+        return 0
+    if args.command == "cost":
+        rows = pipeline.cost_only(_config(args), args.structure)
+        print(json.dumps(rows, indent=2) if args.json else format_cost_table(rows))
+        return 0
+    if args.command == "rebuild":
+        out = Path(args.out or RunConfig.out)
+        saved = files.read_json(out / files.CONFIG) if (out / files.CONFIG).is_file() else None
+        cfg = _config(args, saved)
+        cfg.out = str(out)
+        pipeline.rebuild_only(cfg, args.structure, retrain=args.retrain)
+        return 0
+    cfg = _config(args)
+    if args.command == "learn":
+        pipeline.learn_only(cfg)
+    else:
+        pipeline.run_pipeline(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

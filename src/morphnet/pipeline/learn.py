@@ -1,0 +1,136 @@
+"""Stage 1 of the pipeline: structure learning with a MorphNet regularizer.
+
+Train the seed with ``task loss + strength * regularization term`` at a fixed learning rate,
+record the proposed structure (alive counts and its cost) as it evolves, write
+``learned_structure/alive_<step>.json`` periodically and at the last step, and checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morphnet.data import DataBundle
+from morphnet.pipeline import files
+from morphnet.pipeline.config import RunConfig
+from morphnet.pipeline.controller import Candidate, StrengthController, resolve_target, select_candidate
+from morphnet.pipeline.distributed import DistContext
+from morphnet.pipeline.regularizers import make_regularizer
+from morphnet.pipeline.training import Meter, evaluate, infinite_batches, make_optimizer
+
+
+@dataclass
+class LearnResult:
+    """What structure learning produced."""
+
+    regularizer_name: str
+    cost_name: str
+    seed_cost: float
+    seed_widths: dict[str, int]
+    chosen: Candidate
+    structure_file: Path
+    initial_strength: float
+    final_strength: float
+    target_cost: float | None
+    ranks_agree: bool
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def learn_structure(
+    cfg: RunConfig, ctx: DistContext, data: DataBundle, model: nn.Module, *, writer=None, progress=None
+) -> LearnResult:
+    """Run structure learning on ``model`` (on ``ctx.device``; trained in place) and return the
+    chosen structure: the last step's, or in target-cost mode the latest one that lands within
+    tolerance of the target (else the closest)."""
+    import morphnet
+
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    example = data.example_inputs(1).to(ctx.device)
+    reg = make_regularizer(
+        cfg.regularizer, cfg.target, model, example, threshold=cfg.threshold, hardware=cfg.hardware
+    )
+    exporter = morphnet.StructureExporter(reg)
+    seed_cost = float(reg.get_cost())
+    seed_widths = exporter.get_alive_counts()
+    if seed_cost <= 0:
+        raise ValueError(f"the seed's {reg.cost_name} is 0: no layer of '{cfg.model}' has a cost to reduce")
+
+    target_cost = resolve_target(cfg.target_cost, seed_cost) if cfg.target_cost is not None else None
+    initial_strength = cfg.strength if cfg.strength is not None else 1.0 / seed_cost
+    controller = StrengthController(target_cost, initial_strength) if target_cost else None
+    strength = initial_strength
+
+    net = ctx.wrap(model)
+    net.train()
+    optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
+    batches = infinite_batches(data.train, cfg.batch_size, seed=cfg.seed, ctx=ctx)
+    meter = Meter()
+    history: list[dict[str, Any]] = []
+    candidates: list[Candidate] = []
+    export_every = cfg.export_every or max(1, cfg.steps // 10)
+
+    for step in range(1, cfg.steps + 1):
+        x, y = next(batches)
+        logits = net(x)
+        task_loss = F.cross_entropy(logits, y)
+        reg_loss = reg.get_regularization_term()
+        loss = task_loss + strength * reg_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.add(loss=loss.detach(), task_loss=task_loss.detach(), reg_loss=reg_loss.detach(),
+                  correct=(logits.argmax(1) == y).sum(), count=len(y))
+        if progress is not None:
+            progress.update(1)
+
+        logging = step % cfg.log_every == 0 or step == cfg.steps
+        cost = None
+        if controller is not None or logging:
+            cost = ctx.broadcast(float(reg.get_cost()))
+        if logging:
+            counts = ctx.broadcast(exporter.get_alive_counts())
+            candidates.append(Candidate(step, cost, counts))
+            record = {"step": step, "cost": cost, "strength": strength, **meter.flush()}
+            if step % export_every == 0 or step == cfg.steps:
+                if ctx.is_main:
+                    exporter.create_file_and_save_alive_counts(out, step)
+                    record["test_accuracy"] = evaluate(model, data.test, ctx.device)
+                    files.save_checkpoint(out / files.CHECKPOINTS / "learn.pt", {
+                        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "strength": strength, "controller_integral": controller.integral if controller else None,
+                    })
+            history.append(record)
+            if writer is not None:
+                morphnet.write_summaries(writer, reg, step)
+                for key in ("loss", "task_loss", "strength", "train_accuracy", "test_accuracy"):
+                    if key in record:
+                        writer.add_scalar(f"learn/{key}", record[key], step)
+            if progress is not None:
+                progress.set_postfix(cost=f"{cost / seed_cost:.3f}x", acc=f"{record['train_accuracy']:.3f}")
+        if controller is not None:
+            strength = controller.update(cost)
+
+    if target_cost is not None:
+        chosen = select_candidate(candidates, target_cost, cfg.tolerance)
+    else:
+        chosen = candidates[-1]
+    chosen = ctx.broadcast(chosen)
+    agree = ctx.all_equal(exporter.get_alive_counts())
+    structure_file = files.structure_path(out, chosen.step)
+    if ctx.is_main and not structure_file.exists():
+        files.write_json(structure_file, chosen.counts)
+    ctx.barrier()
+    return LearnResult(
+        regularizer_name=reg.name, cost_name=reg.cost_name, seed_cost=seed_cost, seed_widths=seed_widths,
+        chosen=chosen, structure_file=structure_file, initial_strength=initial_strength,
+        final_strength=strength, target_cost=target_cost, ranks_agree=agree,
+        seconds=time.perf_counter() - start, history=history,
+    )

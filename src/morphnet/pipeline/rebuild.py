@@ -1,0 +1,56 @@
+"""Stage 2: rebuild the seed with the learned widths, optionally expanded to a budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from morphnet.pipeline import files
+
+# Resources that ``morphnet.find_width_multiplier`` can aim at.
+EXPANDABLE = ("flops", "size", "latency")
+
+
+@dataclass
+class Rebuilt:
+    """The slim network and the widths it was built with."""
+
+    model: nn.Module
+    counts: dict[str, int]
+    width_multiplier: float | None
+
+
+def load_structure(path: str | Path) -> dict[str, int]:
+    """Alive counts from an exporter JSON file, with a clear error when it is missing or wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"structure file '{path}' does not exist; run `morphnet learn --out DIR` first")
+    counts = files.read_json(path)
+    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
+        raise ValueError(f"'{path}' is not an alive-count file (a JSON object of layer name -> integer)")
+    return counts
+
+
+def rebuild(
+    seed: nn.Module, counts: dict[str, int], example_inputs: Any, *,
+    resource: str = "flops", budget: float | None = None, hardware: str | None = None, round_to: int | None = None,
+) -> Rebuilt:
+    """A freshly initialized slim copy of ``seed`` with ``counts`` widths. With ``budget`` (an
+    absolute cost in ``resource`` units), every width is first scaled by the one multiplier that
+    spends it (MorphNet's uniform expansion); ``round_to`` rounds widths to a multiple."""
+    import morphnet
+
+    multiplier = None
+    if budget is not None:
+        if resource not in EXPANDABLE:
+            raise ValueError(f"expansion to a budget supports {', '.join(EXPANDABLE)}, not '{resource}'")
+        multiplier, counts = morphnet.find_width_multiplier(
+            seed, counts, example_inputs, budget, resource=resource, hardware=hardware, round_to=round_to
+        )
+    elif round_to:
+        counts = morphnet.expand_structure(seed, counts, example_inputs, 1.0, round_to=round_to)
+    slim = morphnet.apply_structure(seed, counts, example_inputs)
+    return Rebuilt(model=slim, counts=dict(counts), width_multiplier=multiplier)

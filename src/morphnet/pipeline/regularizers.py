@@ -1,0 +1,65 @@
+"""Which network regularizer ``--regularizer NAME --target RESOURCE`` builds: a small registry.
+
+A factory takes ``(model, example_inputs, threshold, hardware)`` and returns a network regularizer;
+``threshold=None`` means the factory's own default. New families (for example probabilistic
+gates) register one factory per resource with :func:`register_regularizer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+RegularizerFactory = Callable[[nn.Module, Any, "float | None", "str | None"], Any]
+_REGISTRY: dict[str, dict[str, RegularizerFactory]] = {}
+
+#: Resource names of ``--target``, with the unit each one is counted in.
+UNITS = {"flops": "FLOPs", "size": "weights", "latency": "ns", "activation": "activations"}
+
+
+def register_regularizer(name: str, target: str, factory: RegularizerFactory) -> None:
+    """Make ``factory`` the regularizer for ``--regularizer name --target target``."""
+    if target not in UNITS:
+        raise ValueError(f"unknown target '{target}'; known: {', '.join(UNITS)}")
+    _REGISTRY.setdefault(name, {})[target] = factory
+
+
+def regularizer_names() -> list[str]:
+    """Names accepted by ``--regularizer``."""
+    return sorted(_REGISTRY)
+
+
+def make_regularizer(
+    name: str, target: str, model: nn.Module, example_inputs: Any, *,
+    threshold: float | None = None, hardware: str | None = None,
+):
+    """Build the network regularizer for ``name`` and ``target`` on ``model``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown regularizer '{name}'; choose one of {', '.join(regularizer_names())}")
+    if target not in _REGISTRY[name]:
+        raise ValueError(
+            f"regularizer '{name}' has no '{target}' target; it supports {', '.join(sorted(_REGISTRY[name]))}"
+        )
+    if target == "latency" and not hardware:
+        raise ValueError("--target latency needs --hardware NAME (for example V100, T4, H100)")
+    return _REGISTRY[name][target](model, example_inputs, threshold, hardware)
+
+
+def _core(class_name: str, threshold_arg: str, default_threshold: float) -> RegularizerFactory:
+    """A factory for one of morphnet's own regularizer classes (imported when first used)."""
+
+    def build(model: nn.Module, example_inputs: Any, threshold: float | None, hardware: str | None):
+        import morphnet
+
+        kwargs = {threshold_arg: default_threshold if threshold is None else threshold}
+        if "Latency" in class_name:
+            kwargs["hardware"] = hardware
+        return getattr(morphnet, class_name)(model, example_inputs, **kwargs)
+
+    return build
+
+
+for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency"), ("activation", "Activation")]:
+    register_regularizer("gamma", _target, _core(f"Gamma{_suffix}Regularizer", "gamma_threshold", 1e-2))
+    register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", 1e-2))

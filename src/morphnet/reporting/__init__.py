@@ -1,0 +1,16 @@
+"""Reports of a run: the printed summary, PNG plots (matplotlib, Agg) and one HTML page."""
+
+from morphnet.reporting.html import write_report
+from morphnet.reporting.plots import plot_accuracy, plot_cost, plot_widths
+from morphnet.reporting.text import format_cost_table, format_number, format_summary, format_widths
+
+__all__ = [
+    "format_cost_table",
+    "format_number",
+    "format_summary",
+    "format_widths",
+    "plot_accuracy",
+    "plot_cost",
+    "plot_widths",
+    "write_report",
+]

@@ -1,0 +1,90 @@
+"""``morphnet report RUN_DIR``: one self-contained HTML page (PNG plots embedded as data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from morphnet.reporting.plots import plot_accuracy, plot_cost, plot_widths
+from morphnet.reporting.text import format_number
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_plots(run_dir: Path) -> list[tuple[Path, str]]:
+    """Draw every plot the run's files allow into ``run_dir/plots``; return (path, caption) pairs."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history_file = run_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else {}
+    plots = run_dir / "plots"
+    drawn = []
+    if history.get("learn"):
+        drawn.append((plot_cost(history, summary, plots / "cost.png"), "Cost of the proposed structure during learning"))
+        drawn.append((plot_accuracy(history, plots / "accuracy.png"), "Accuracy during learning and retraining"))
+    slim = summary.get("slim", {})
+    drawn.append((plot_widths(summary["seed"]["widths"], summary["learned"]["widths"], plots / "widths.png",
+                              final=slim.get("widths")), "Per-layer widths, seed vs learned"))
+    return drawn
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """(Re)draw the plots of ``run_dir`` and write ``run_dir/report.html``; return its path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        raise FileNotFoundError(f"'{run_dir}' has no summary.json; pass the --out folder of a `morphnet run` or `learn`")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg, target, seed, learned = summary["config"], summary["target"], summary["seed"], summary["learned"]
+    slim = summary.get("slim", {})
+
+    def pct(v):
+        return "-" if v is None else f"{v:.2%}"
+
+    figures = [
+        ["FLOPs (MorphNet)", format_number(seed["flops"]), format_number(slim.get("flops"))],
+        ["FLOPs (FlopCounterMode)", format_number(seed["flops_counted"]), format_number(slim.get("flops_counted"))],
+        ["parameters", format_number(seed["params"]), format_number(slim.get("params"))],
+        [f"{target['cost_name']} ({target['unit']})", format_number(seed["cost"]),
+         format_number(slim.get("cost", learned["cost"]))],
+        ["test accuracy", pct(seed.get("accuracy")), pct(slim.get("accuracy"))],
+    ]
+    final = slim.get("widths", learned["widths"])
+    widths = [[n, w, learned["widths"].get(n, w), final.get(n, w)] for n, w in seed["widths"].items()]
+    target_line = (f"target {format_number(target['target_cost'])} {target['unit']}, learned structure "
+                   f"{format_number(learned['cost'])} ({learned['target_error']:+.2%})"
+                   if target.get("target_cost") else f"fixed strength {target['initial_strength']:.3g}")
+    images = "".join(_img(path, caption) for path, caption in write_plots(run_dir))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>MorphNet report: {html.escape(cfg['model'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}
+figcaption{{color:#555;font-size:90%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
+<h1>MorphNet report</h1>
+<p>Seed <b>{html.escape(cfg['model'])}</b> on <b>{html.escape(cfg['data'])}</b>; regularizer
+{html.escape(target['regularizer'])}, target {html.escape(target['resource'])}; {target_line}; structure chosen
+at step {learned['step']} of {cfg['steps']} (<code>{html.escape(learned['structure_file'])}</code>).
+The slim network was rebuilt with these widths and retrained from scratch with the seed's recipe.</p>
+<h2>Seed vs slim</h2>
+{_table(['', 'seed', 'slim'], figures)}
+{images}
+<h2>Layer widths</h2>
+{_table(['layer', 'seed', 'learned', 'slim'], widths)}
+<h2>Configuration</h2>
+<pre>{html.escape(json.dumps(cfg, indent=2, sort_keys=True))}</pre>
+<p>TensorBoard: <code>tensorboard --logdir {html.escape(str(run_dir / 'tensorboard'))}</code></p>
+</body></html>
+"""
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,94 @@
+"""Plain-text tables for the terminal, built from summary.json so that print and file agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def format_number(value: float | None) -> str:
+    """1234567 -> '1.235M'; None -> '-'."""
+    if value is None:
+        return "-"
+    for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.4g}{suffix}"
+    return f"{value:.4g}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _ratio(slim: float | None, seed: float | None) -> str:
+    return "-" if not slim or not seed else f"{slim / seed:.3f}x"
+
+
+def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
+    """The end-of-run table: seed vs slim cost, FLOPs (predicted and counted), params, accuracy."""
+    cfg, target, seed, learned = summary["config"], summary["target"], summary["seed"], summary["learned"]
+    slim = summary.get("slim", {})
+    unit = target["unit"]
+    lines = [
+        f"MorphNet {target['regularizer']} on {cfg['model']} / {cfg['data']}: {cfg['steps']} learning steps, "
+        f"{summary['world_size']} process(es)",
+        f"{'':24}{'seed':>12}{'slim':>12}{'slim/seed':>12}",
+    ]
+
+    def row(label: str, a, b, fmt=format_number, ratio=True) -> None:
+        lines.append(f"{label:24}{fmt(a):>12}{fmt(b):>12}{(_ratio(b, a) if ratio else ''):>12}")
+
+    if cfg["target"] != "flops":
+        row(f"{target['cost_name']} ({unit})", seed["cost"], slim.get("cost", learned["cost"]))
+    row("FLOPs (MorphNet)", seed["flops"], slim.get("flops"))
+    row("FLOPs (FlopCounterMode)", seed["flops_counted"], slim.get("flops_counted"))
+    row("parameters", seed["params"], slim.get("params"))
+    row("test accuracy", seed.get("accuracy"), slim.get("accuracy"), _percent, ratio=False)
+    if target["target_cost"] is not None:
+        lines.append(
+            f"target {format_number(target['target_cost'])} {unit} (+-{target['tolerance']:.0%}): learned structure "
+            f"{format_number(learned['cost'])} ({learned['target_error']:+.2%}) at step {learned['step']}"
+            + (f", slim {format_number(slim['cost'])} ({slim['target_error']:+.2%})" if "target_error" in slim else "")
+        )
+    else:
+        lines.append(f"learned structure at step {learned['step']}: {format_number(learned['cost'])} {unit} "
+                     f"({learned['cost_ratio']:.3f}x the seed) with strength {target['initial_strength']:.3g}")
+    if slim.get("width_multiplier") is not None:
+        lines.append(f"uniform width multiplier applied after rebuild: {slim['width_multiplier']:.4f}")
+    run_dir = Path(run_dir)
+    lines.append(f"structure: {run_dir / learned['structure_file']}")
+    if slim:
+        lines.append(f"slim model: {run_dir / slim['dir']}")
+    seconds = summary.get("seconds", {})
+    lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in seconds.items()))
+    lines.append(f"report: {run_dir / 'report.html'} (rebuild it with `morphnet report {run_dir}`)")
+    return "\n".join(lines)
+
+
+def format_widths(seed: dict[str, int], learned: dict[str, int], final: dict[str, int] | None = None) -> str:
+    """Per-layer widths: seed, learned and (when expanded) final."""
+    names = list(seed) + [n for n in learned if n not in seed]
+    width = max([len(n) for n in names] + [5])
+    header = f"{'layer':{width}}  {'seed':>6}  {'learned':>7}" + (f"  {'final':>6}" if final else "")
+    lines = [header]
+    for name in names:
+        line = f"{name:{width}}  {seed.get(name, '-'):>6}  {learned.get(name, seed.get(name, '-')):>7}"
+        if final:
+            line += f"  {final.get(name, '-'):>6}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_cost_table(rows: list[dict[str, Any]]) -> str:
+    """``morphnet.cost_table`` rows as an aligned table with a total line."""
+    columns = [c for c in ("channels", "flops", "size", "latency_ns") if any(c in r for r in rows)]
+    width = max([len(str(r["name"])) for r in rows] + [5])
+    lines = [f"{'layer':{width}}" + "".join(f"{c:>14}" for c in columns)]
+    for r in rows:
+        lines.append(f"{str(r['name']):{width}}" + "".join(
+            f"{(format_number(r[c]) if c != 'channels' else str(r[c])) if r.get(c) is not None else '-':>14}"
+            for c in columns))
+    totals = {c: sum(r[c] for r in rows if isinstance(r.get(c), (int, float))) for c in columns if c != "channels"}
+    lines.append(f"{'total':{width}}" + "".join(
+        f"{format_number(totals[c]) if c in totals else '':>14}" for c in columns))
+    return "\n".join(lines)
