@@ -5,6 +5,10 @@ coloured Gabor patches) drawn from a shared pool, placed at random positions amo
 atoms from the same pool. Telling classes apart needs a detector per atom and per combination, so
 the network needs many channels: a network at 0.25x width scores clearly below the same network at
 1x. That makes it a fair test bed for learning widths, unlike sets a handful of channels can solve.
+
+Calibration (CPU, 20000 training images, a 3-layer conv-BN-ReLU net with 32/64/128 channels, 600
+steps of batch 128, one-cycle SGD): test accuracy 52.5% at 1x width against 44.9% at 0.25x
+(training loss 1.23 against 1.69); the wider net keeps improving with longer training.
 """
 
 from __future__ import annotations
