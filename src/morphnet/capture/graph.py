@@ -35,6 +35,7 @@ class Value:
     index: int
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stride: tuple[int, ...] = ()
     state_name: str | None = None  # parameter or buffer name when the tensor is model state
     is_parameter: bool = False
     is_input: bool = False
@@ -79,6 +80,12 @@ class Graph:
     batch_size: int = 1
     module_types: dict[str, type] = field(default_factory=dict)
     state_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    parameters: set[str] = field(default_factory=set)  # names of parameters (the rest of state: buffers)
+    eval_modules: set[str] | None = None  # modules that also run in eval mode (None: unknown)
+
+    def training_only(self, module: str) -> bool:
+        """True for ops of modules that run only in training (auxiliary heads)."""
+        return self.eval_modules is not None and module not in self.eval_modules
 
     def owner_description(self, module: str) -> str:
         if not module:
@@ -117,7 +124,7 @@ class _Recorder(TorchDispatchMode):
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive so ids stay unique
 
     def new_value(self, t: torch.Tensor, **kw) -> int:
-        v = Value(len(self.graph.values), tuple(t.shape), t.dtype, **kw)
+        v = Value(len(self.graph.values), tuple(t.shape), t.dtype, tuple(t.stride()) if t.layout == torch.strided else (), **kw)
         self.graph.values.append(v)
         self.value_of[id(t)] = v.index
         self.keep.append(t)
@@ -192,6 +199,25 @@ def _run(model: nn.Module, inputs: tuple, graph: Graph, state_ids) -> Any:
     return out
 
 
+def _modules_run_in_eval(model: nn.Module, inputs: tuple) -> set[str]:
+    """Names of the modules that run in eval mode (training-only branches are absent)."""
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    ran: set[str] = {""}
+
+    def pre(module, args):
+        if id(module) in names:
+            ran.add(names[id(module)])
+
+    handle = nn.modules.module.register_module_forward_pre_hook(pre)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        handle.remove()
+    return ran
+
+
 def capture_graph(model: nn.Module, example_inputs) -> Graph:
     """Run ``model(*example_inputs)`` once in training mode and record its aten ops.
 
@@ -211,17 +237,23 @@ def capture_graph(model: nn.Module, example_inputs) -> Graph:
         state_ids.setdefault(id(b), (n, False))
     module_types = {n: type(m) for n, m in model.named_modules()}
     state_shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        state_shapes.setdefault(n, tuple(p.shape))
+    for n, b in model.named_buffers(remove_duplicate=False):
+        state_shapes.setdefault(n, tuple(b.shape))
+    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
     with preserved_state(model):
         model.train()
-        graph = Graph(module_types=module_types, state_shapes=state_shapes)
+        graph = Graph(module_types=module_types, state_shapes=state_shapes, parameters=parameters)
         try:
             _run(model, inputs, graph, state_ids)
         except ValueError as e:
             if "Expected more than 1 value per channel" not in str(e):
                 raise
             inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
-            graph = Graph(module_types=module_types, state_shapes=state_shapes)
+            graph = Graph(module_types=module_types, state_shapes=state_shapes, parameters=parameters)
             _run(model, inputs, graph, state_ids)
+        graph.eval_modules = _modules_run_in_eval(model, inputs)
     graph.batch_size = int(graph.values[graph.inputs[0]].shape[0]) if graph.values[graph.inputs[0]].shape else 1
     return graph

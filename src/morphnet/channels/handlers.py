@@ -377,6 +377,25 @@ def split(w: Walker, node) -> None:
         _sliced_state(w, x, o, dim, not removes, False)
 
 
+@handles(*_ops("as_strided", "as_strided_"))
+def as_strided(w: Walker, node) -> None:
+    """A restride that keeps every element where it was (memory-format fix-ups) is an alias."""
+    b = bind(node)
+    x = vid(b["input"] if "input" in b else b["self"])
+    out = node.outputs[0]
+    old = w.graph.values[x]
+    size, stride = list(b["size"]), list(b["stride"])
+    same = list(old.shape) == size and all(s == 1 or a == c for s, a, c in zip(size, old.stride, stride))
+    offset = b.get("storage_offset")
+    if not same or offset not in (None, 0):
+        if w.chan(x) is not None:
+            raise w.unsupported("as_strided reinterprets the memory of a channel-carrying tensor")
+        w.derive(out, x)
+        return
+    w.set_chan(out, w.chan(x))
+    w.derive(out, x)
+
+
 @handles(*_ops("flip"))
 def flip(w: Walker, node) -> None:
     """Reversing the channel order is exact: the pruned model reverses the survivors."""
@@ -725,9 +744,7 @@ def convolution(w: Walker, node) -> None:
         owner = _owner(weight_name)
         out_dim = 1 if transposed and not depthwise else 0
         if weight_name not in w.weights:
-            w.weights[weight_name] = WeightInfo(owner, weight_name, out_dim, out_ids,
-                                                in_ids if depthwise else w.slot(weight_name, 1 - out_dim),
-                                                kernel, g, depthwise)
+            w.weights[weight_name] = WeightInfo(owner, weight_name, out_dim, out_ids, in_ids, kernel, g, depthwise)
         w.module_out.setdefault(owner, out_ids)
     if bias is not None:
         bsv = w.state_view(bias)
@@ -786,8 +803,15 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
         depthwise=False, flop_coef=2.0 * m / n, kernel=1, in_numel=m / n, out_numel=m / n, node=node.index))
 
 
-def _full_2d(sv: StateView | None) -> bool:
-    return sv is not None and len(sv.dims) == 2 and None not in sv.dims
+def _weight_2d(w: Walker, v: int) -> bool:
+    """A 2-D view of a parameter with both dims mapped: the weight of a linear layer."""
+    sv = w.state_view(v)
+    return sv is not None and sv.name in w.graph.parameters and len(sv.dims) == 2 and None not in sv.dims
+
+
+def _not_weight(w: Walker, v: int) -> bool:
+    sv = w.state_view(v)
+    return sv is None or sv.name not in w.graph.parameters
 
 
 @handles(aten.mm, aten.addmm, *_ops("matmul", "linear"))
@@ -799,10 +823,10 @@ def matmul(w: Walker, node) -> None:
     bias = vid(b["self"]) if "mat1" in b else None
     out = node.outputs[0]
     if len(w.shape(a)) == 2 and len(w.shape(m)) == 2:
-        if _full_2d(w.state_view(m)) and w.state_view(a) is None:
+        if _weight_2d(w, m) and _not_weight(w, a):
             _linear(w, node, a, m, bias, out, weight_first=False)
             return
-        if _full_2d(w.state_view(a)) and w.state_view(m) is None:
+        if _weight_2d(w, a) and _not_weight(w, m):
             _linear(w, node, m, a, bias, out, weight_first=True)
             return
     opaque(w, node)

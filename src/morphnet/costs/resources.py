@@ -8,6 +8,10 @@ of the regularization vector over S:
 - linear term    c * A(x)             regularizer  c * (R(x) + R(z))   (z: depthwise input)
 - constant       c                    regularizer  0
 
+Costs describe the inference network: ops of branches that run only in training
+(auxiliary heads) are analyzed for channel groups but cost nothing, except in model
+size, which counts every conv / linear weight of the module.
+
 Conventions (DESIGN.md section 2): FLOPs per example are 2 x MACs of conv and linear
 ops; grouped convs divide by the groups (which pruning keeps); depthwise convs cost
 C * A_out. Model size counts conv / linear weights once per parameter. Activation
@@ -58,8 +62,13 @@ class CostProgram:
         return len(self.layer_modules) - 1
 
 
+def _inference_calls(a: ChannelAnalysis):
+    """Layer calls that also run in eval mode: training-only branches cost nothing at inference."""
+    return [c for c in a.layer_calls if not a.graph.training_only(a.graph.nodes[c.node].module)]
+
+
 def _flops(p: CostProgram, a: ChannelAnalysis, layer_of=None, scale: float = 1.0) -> None:
-    for call in a.layer_calls:
+    for call in _inference_calls(a):
         li = layer_of(call) if layer_of else p.layer(call.module, f"{call.kind}:{call.weight}")
         x, y = p.set_of(call.in_ids), p.set_of(call.out_ids)
         if call.depthwise:
@@ -79,14 +88,14 @@ def _size(p: CostProgram, a: ChannelAnalysis) -> None:
 
 
 def _activations(p: CostProgram, a: ChannelAnalysis) -> None:
-    for call in a.layer_calls:
+    for call in _inference_calls(a):
         li = p.layer(call.module, f"{call.kind}:{call.weight}")
         p.linear.append((li, COMPUTE, 1.0, p.set_of(call.out_ids), -1))
 
 
 def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, layer_of) -> None:
     b = BYTES_PER_ELEMENT * scale
-    for call in a.layer_calls:
+    for call in _inference_calls(a):
         li = layer_of(call)
         x, y = p.set_of(call.in_ids), p.set_of(call.out_ids)
         p.linear.append((li, MEMORY, b * batch_size * call.in_numel, x, -1))
@@ -97,6 +106,8 @@ def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, l
             else:
                 p.bilinear.append((li, MEMORY, b * call.kernel / call.groups, x, y))
     for op in a.data_ops:
+        if a.graph.training_only(op.module):
+            continue
         li = p.layer(op.module, op.name)
         for use in op.uses:
             if use.ids is None:

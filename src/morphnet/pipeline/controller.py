@@ -1,13 +1,20 @@
 """Target-cost mode: steer the regularization strength so the learned structure lands on a budget.
 
-The plant is awkward for a controller: the strength sets how fast BatchNorm scales (or weight
-groups) shrink, and the cost only moves once some of them cross the alive threshold, so the
-response lags. A proportional-integral law on the *logarithm* of the strength, driven by the log of
-cost/target, is scale free (the same gains work for FLOPs, weights or nanoseconds) and reacts at
-once to an overshoot through its proportional part. The integral part finds the strength that holds
-the cost at the target. Whatever the trajectory, the pipeline then keeps the latest recorded
-structure within tolerance (else the closest one) and can close the remaining gap with a uniform
-width multiplier.
+The plant is awkward for a controller. The strength sets how fast BatchNorm scales (or weight
+groups) shrink, so the cost only moves once some of them cross the alive threshold (a lag), and a
+channel that died rarely comes back (the process is close to irreversible: an overshoot cannot be
+undone by lowering the strength afterwards). So the controller does not aim at the target at
+once: it tracks a reference that glides from the seed's cost down to the target over the first
+half of learning, slowing down as it arrives (quadratic ease-out in log space), and then holds it.
+Few channels are "in flight" at any time, and almost none when the target is reached, so the cost
+approaches the target from above with little overshoot.
+
+The law is proportional-integral on log(strength), driven by log(cost / reference): scale free
+(the same gains serve FLOPs, weights or nanoseconds); the strong proportional part cuts the
+strength at once when the cost falls below the reference, the integral finds the strength that
+keeps channels dying at the reference's pace. The pipeline then keeps the latest recorded structure
+within tolerance of the target (else the closest) and can close the residual with a uniform width
+multiplier.
 """
 
 from __future__ import annotations
@@ -18,28 +25,36 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StrengthController:
-    """PI control of log(strength) on log(cost / target).
+    """PI control of log(strength) on log(cost / reference(step)).
 
-    ``update(cost)`` returns the strength to use until the next update. ``ki`` is the change of
-    log(strength) per update for a cost at e times the target; ``kp`` the immediate change.
+    ``reference`` goes from ``seed_cost`` at step 0 to ``target`` at ``ramp_steps`` (log-space
+    quadratic ease-out: fast at first, arriving with zero speed), then stays at ``target``. ``update(step, cost)`` returns the strength for the next step.
     """
 
     target: float
+    seed_cost: float
     initial_strength: float
-    kp: float = 1.0
-    ki: float = 0.05
-    max_error: float = 1.0
+    ramp_steps: int
+    kp: float = 10.0
+    ki: float = 0.02
+    integral_limit: float = 10.0
     integral: float = field(default=0.0, init=False)
     strength: float = field(default=0.0, init=False)
 
     def __post_init__(self):
-        if self.target <= 0 or self.initial_strength <= 0:
-            raise ValueError("target cost and initial strength must be positive")
+        if min(self.target, self.seed_cost, self.initial_strength) <= 0:
+            raise ValueError("target cost, seed cost and initial strength must be positive")
         self.strength = self.initial_strength
 
-    def update(self, cost: float) -> float:
-        error = max(-self.max_error, min(self.max_error, math.log(max(cost, 1e-12) / self.target)))
-        self.integral += self.ki * error
+    def reference(self, step: int) -> float:
+        """The cost the structure should have at ``step``."""
+        remaining = 1.0 - min(1.0, step / max(1, self.ramp_steps))
+        return self.target * (self.seed_cost / self.target) ** (remaining**2)
+
+    def update(self, step: int, cost: float) -> float:
+        error = math.log(max(cost, 1e-12) / self.reference(step))
+        limit = self.integral_limit
+        self.integral = max(-limit, min(limit, self.integral + self.ki * error))
         self.strength = self.initial_strength * math.exp(self.integral + self.kp * error)
         return self.strength
 

@@ -65,7 +65,8 @@ def learn_structure(
 
     target_cost = resolve_target(cfg.target_cost, seed_cost) if cfg.target_cost is not None else None
     initial_strength = cfg.strength if cfg.strength is not None else 1.0 / seed_cost
-    controller = StrengthController(target_cost, initial_strength) if target_cost else None
+    controller = (StrengthController(target_cost, seed_cost, initial_strength, ramp_steps=cfg.steps // 2)
+                  if target_cost else None)
     strength = initial_strength
 
     net = ctx.wrap(model)
@@ -116,7 +117,7 @@ def learn_structure(
             if progress is not None:
                 progress.set_postfix(cost=f"{cost / seed_cost:.3f}x", acc=f"{record['train_accuracy']:.3f}")
         if controller is not None:
-            strength = controller.update(cost)
+            strength = controller.update(step, cost)
 
     if target_cost is not None:
         chosen = select_candidate(candidates, target_cost, cfg.tolerance)
