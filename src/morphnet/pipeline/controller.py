@@ -4,10 +4,9 @@ The plant is awkward for a controller. The strength sets how fast BatchNorm scal
 groups) shrink, so the cost only moves once some of them cross the alive threshold (a lag), and a
 channel that died rarely comes back (the process is close to irreversible: an overshoot cannot be
 undone by lowering the strength afterwards). So the controller does not aim at the target at
-once: it tracks a reference that glides from the seed's cost down to the target over the first
-half of learning, slowing down as it arrives (quadratic ease-out in log space), and then holds it.
-Few channels are "in flight" at any time, and almost none when the target is reached, so the cost
-approaches the target from above with little overshoot.
+once: it tracks a reference that glides geometrically from the seed's cost down to the target over
+the first half of learning, and then holds it. Few channels are "in flight" at any time, so the
+cost approaches the target from above with little overshoot.
 
 The law is proportional-integral on log(strength), driven by log(cost / reference): scale free
 (the same gains serve FLOPs, weights or nanoseconds); the strong proportional part cuts the
@@ -27,8 +26,9 @@ from dataclasses import dataclass, field
 class StrengthController:
     """PI control of log(strength) on log(cost / reference(step)).
 
-    ``reference`` goes from ``seed_cost`` at step 0 to ``target`` at ``ramp_steps`` (log-space
-    quadratic ease-out: fast at first, arriving with zero speed), then stays at ``target``. ``update(step, cost)`` returns the strength for the next step.
+    ``reference`` goes from ``seed_cost`` at step 0 to ``target`` at ``ramp_steps`` (geometric),
+    then stays at ``target``. Below the reference the integral moves ``undershoot_gain`` times
+    faster: a dead channel rarely revives, so stopping deaths matters more than speeding them up. ``update(step, cost)`` returns the strength for the next step.
     """
 
     target: float
@@ -37,6 +37,7 @@ class StrengthController:
     ramp_steps: int
     kp: float = 10.0
     ki: float = 0.02
+    undershoot_gain: float = 5.0
     integral_limit: float = 10.0
     integral: float = field(default=0.0, init=False)
     strength: float = field(default=0.0, init=False)
@@ -48,13 +49,14 @@ class StrengthController:
 
     def reference(self, step: int) -> float:
         """The cost the structure should have at ``step``."""
-        remaining = 1.0 - min(1.0, step / max(1, self.ramp_steps))
-        return self.target * (self.seed_cost / self.target) ** (remaining**2)
+        progress = min(1.0, step / max(1, self.ramp_steps))
+        return self.seed_cost * (self.target / self.seed_cost) ** progress
 
     def update(self, step: int, cost: float) -> float:
         error = math.log(max(cost, 1e-12) / self.reference(step))
         limit = self.integral_limit
-        self.integral = max(-limit, min(limit, self.integral + self.ki * error))
+        gain = self.ki * (self.undershoot_gain if error < 0 else 1.0)
+        self.integral = max(-limit, min(limit, self.integral + gain * error))
         self.strength = self.initial_strength * math.exp(self.integral + self.kp * error)
         return self.strength
 
