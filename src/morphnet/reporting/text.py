@@ -29,21 +29,26 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     cfg, target, seed, learned = summary["config"], summary["target"], summary["seed"], summary["learned"]
     slim = summary.get("slim", {})
     unit = target["unit"]
+    other = "slim" if slim else "learned"
+    cost_label = target["cost_name"] if target["cost_name"] == unit else f"{target['cost_name']} ({unit})"
     lines = [
         f"MorphNet {target['regularizer']} on {cfg['model']} / {cfg['data']}: {cfg['steps']} learning steps, "
         f"{summary['world_size']} process(es)",
-        f"{'':24}{'seed':>12}{'slim':>12}{'slim/seed':>12}",
+        f"{'':24}{'seed':>12}{other:>12}{other + '/seed':>13}",
     ]
 
     def row(label: str, a, b, fmt=format_number, ratio=True) -> None:
-        lines.append(f"{label:24}{fmt(a):>12}{fmt(b):>12}{(_ratio(b, a) if ratio else ''):>12}")
+        lines.append(f"{label:24}{fmt(a):>12}{fmt(b):>12}{(_ratio(b, a) if ratio else ''):>13}")
 
-    if cfg["target"] != "flops":
-        row(f"{target['cost_name']} ({unit})", seed["cost"], slim.get("cost", learned["cost"]))
-    row("FLOPs (MorphNet)", seed["flops"], slim.get("flops"))
-    row("FLOPs (FlopCounterMode)", seed["flops_counted"], slim.get("flops_counted"))
-    row("parameters", seed["params"], slim.get("params"))
-    row("test accuracy", seed.get("accuracy"), slim.get("accuracy"), _percent, ratio=False)
+    if not slim:
+        row(cost_label, seed["cost"], learned["cost"])
+    else:
+        if cfg["target"] != "flops":
+            row(cost_label, seed["cost"], slim["cost"])
+        row("FLOPs (MorphNet)", seed["flops"], slim["flops"])
+        row("FLOPs (FlopCounterMode)", seed["flops_counted"], slim["flops_counted"])
+        row("parameters", seed["params"], slim["params"])
+        row("test accuracy", seed.get("accuracy"), slim.get("accuracy"), _percent, ratio=False)
     if target["target_cost"] is not None:
         lines.append(
             f"target {format_number(target['target_cost'])} {unit} (+-{target['tolerance']:.0%}): learned structure "
