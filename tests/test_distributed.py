@@ -1,0 +1,23 @@
+"""``morphnet run`` under torchrun with 2 CPU processes (gloo): DDP learning and retraining, every
+rank agrees on the structure, only rank 0 writes."""
+
+import json
+import subprocess
+import sys
+
+from test_cli import cli_env
+
+
+def test_run_under_torchrun_with_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "morphnet", "run", "--steps", "30", "--retrain-steps", "10", "--no-baseline",
+               "--device", "cpu", "--out", str(out), "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_agree"] is True
+    assert (out / "learned_structure" / "alive_30.json").is_file()
+    assert summary["slim"]["flops_counted"] <= summary["seed"]["flops_counted"]
+    assert result.stdout.count("FLOPs (FlopCounterMode)") == 1  # only rank 0 prints the summary
+    assert not list(tmp_path.glob("**/*.tmp"))
