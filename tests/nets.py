@@ -1,0 +1,84 @@
+"""Small networks shared by the tests: the golden cases of DESIGN.md section 4 and helpers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class ConcatNet(nn.Module):
+    """The canonical concat net of DESIGN.md section 4 (input 1x3x17x19)."""
+
+    def __init__(self, gammas: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 13, (7, 5), padding=(3, 2), bias=False)
+        self.bn1 = nn.BatchNorm2d(13)
+        self.conv2 = nn.Conv2d(3, 23, 1)
+        self.bn2 = nn.BatchNorm2d(23)
+        self.conv3 = nn.Conv2d(36, 29, 3, stride=2, padding=1)
+        self.bn3 = nn.BatchNorm2d(29)
+        self.conv4 = nn.Conv2d(36, 31, 1)
+        self.bn4 = nn.BatchNorm2d(31)
+        self.head3 = nn.Conv2d(29, 2, 1)
+        self.head4 = nn.Conv2d(31, 2, 1)
+        if gammas:
+            with torch.no_grad():
+                self.bn1.weight.copy_(torch.tensor([0.8] * 7 + [0.2] * 6))
+                self.bn2.weight.copy_(torch.tensor([-0.7] * 11 + [0.1] * 12))
+                self.bn3.weight.copy_(torch.tensor([0.6] * 10 + [-0.3] * 19))
+                self.bn4.weight.copy_(torch.tensor([-0.5] * 17 + [-0.4] * 14))
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = torch.relu(self.bn2(self.conv2(x)))
+        c = torch.cat([a, b], 1)
+        d3 = torch.relu(self.bn3(self.conv3(c)))
+        d4 = torch.relu(self.bn4(self.conv4(c)))
+        return self.head3(d3), self.head4(d4)
+
+
+class ResidualNet(nn.Module):
+    """x0 = conv0(x); x1 = conv1(relu(bn0(x0))); out = head(relu(bn1(x0 + x1)))."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.head = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x):
+        x0 = self.conv0(x)
+        x1 = self.conv1(torch.relu(self.bn0(x0)))
+        return self.head(torch.relu(self.bn1(x0 + x1)))
+
+
+LAYER_OPS = ("convolution", "addmm", "mm")
+
+
+def counted_flops(model: nn.Module, *inputs) -> int:
+    """FLOPs of conv and linear ops that FlopCounterMode counts for one forward (eval mode)."""
+    was = model.training
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+        model.train(was)
+    return sum(c for op, c in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in LAYER_OPS)
+
+
+def weight_count(model: nn.Module) -> int:
+    """Number of conv / linear weights (no bias, no norm parameters), packed projections included."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                               nn.ConvTranspose3d, nn.Linear)):
+            total += module.weight.numel()
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            total += module.in_proj_weight.numel()
+    return total
