@@ -110,7 +110,7 @@ def learn_structure(
                     })
             history.append(record)
             if writer is not None:
-                morphnet.write_summaries(writer, reg, step)
+                morphnet.write_summaries(writer, reg, step, alive_counts=True)
                 for key in ("loss", "task_loss", "strength", "train_accuracy", "test_accuracy"):
                     if key in record:
                         writer.add_scalar(f"learn/{key}", record[key], step)
