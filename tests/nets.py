@@ -59,7 +59,7 @@ LAYER_OPS = ("convolution", "addmm", "mm")
 
 
 def counted_flops(model: nn.Module, *inputs) -> int:
-    """FLOPs of conv and linear ops that FlopCounterMode counts for one forward (eval mode)."""
+    """FLOPs per example of the conv and linear ops that FlopCounterMode counts (eval mode)."""
     was = model.training
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -69,7 +69,10 @@ def counted_flops(model: nn.Module, *inputs) -> int:
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
         model.train(was)
-    return sum(c for op, c in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in LAYER_OPS)
+    total = sum(c for op, c in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in LAYER_OPS)
+    batch = inputs[0].shape[0]
+    assert total % batch == 0
+    return total // batch
 
 
 def weight_count(model: nn.Module) -> int:

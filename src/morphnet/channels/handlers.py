@@ -765,21 +765,27 @@ def convolution(w: Walker, node) -> None:
 
 
 def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight_first: bool) -> None:
-    """``x @ W`` (or ``W @ x`` when ``weight_first``) with W a 2-D parameter view."""
+    """``x @ W`` (or ``W @ x`` when ``weight_first``) with W a view of a 2-D parameter.
+
+    W may carry broadcast batch dims (an expanded weight in a batched matmul); x is
+    [..., M, K] (or [..., K, N]). Tokens (all of x's other dims) multiply the FLOPs.
+    """
     sv = w.state_view(wt)
-    c_in_dim, c_out_dim = (1, 0) if weight_first else (0, 1)  # weight dims: contracted, produced
+    rank = len(w.shape(x))
+    c_in_dim, c_out_dim = (len(sv.dims) - 1, len(sv.dims) - 2) if weight_first else (len(sv.dims) - 2,
+                                                                                     len(sv.dims) - 1)
     in_state, out_state = sv.dims[c_in_dim], sv.dims[c_out_dim]
     slot_in, slot_out = w.slot(sv.name, in_state), w.slot(sv.name, out_state)
-    x_contract, x_keep = (0, 1) if weight_first else (1, 0)
-    out_dim = 0 if weight_first else 1
+    x_contract = rank - 2 if weight_first else rank - 1
+    out_dim = rank - 2 if weight_first else rank - 1
     c = w.chan(x)
     if c is not None and c.dim == x_contract:
         w.elements.union(slot_in, c.ids)
         out_chan = Chan(out_dim, slot_out)
-    elif c is not None:  # channels ride along the other dim; this layer's own widths stay fixed
+    elif c is not None:  # channels ride along another dim; this layer's own widths stay fixed
         w.elements.fix(slot_in)
         w.elements.fix(slot_out)
-        out_chan = Chan(1 - out_dim, c.ids)
+        out_chan = Chan(c.dim, c.ids)
     else:
         w.elements.fix(slot_in)
         out_chan = Chan(out_dim, slot_out)
@@ -796,17 +802,18 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
     if sv.name not in w.weights:
         w.weights[sv.name] = WeightInfo(owner, sv.name, out_state, slot_out, slot_in, 1, 1, False)
     w.module_out.setdefault(owner, slot_out)
-    m = w.shape(x)[x_keep]
-    n = w.graph.batch_size
+    tokens = w.per_example(x) / w.shape(x)[x_contract]
     w.layer_calls.append(LayerCall(
         module=owner, weight=sv.name, kind="linear", in_ids=slot_in, out_ids=slot_out, groups=1,
-        depthwise=False, flop_coef=2.0 * m / n, kernel=1, in_numel=m / n, out_numel=m / n, node=node.index))
+        depthwise=False, flop_coef=2.0 * tokens, kernel=1, in_numel=tokens, out_numel=tokens, node=node.index))
 
 
-def _weight_2d(w: Walker, v: int) -> bool:
-    """A 2-D view of a parameter with both dims mapped: the weight of a linear layer."""
+def _weight_view(w: Walker, v: int, rank: int) -> bool:
+    """A view of a 2-D parameter with its two dims last (batch dims broadcast): a linear weight."""
     sv = w.state_view(v)
-    return sv is not None and sv.name in w.graph.parameters and len(sv.dims) == 2 and None not in sv.dims
+    return (sv is not None and sv.name in w.graph.parameters and len(sv.dims) == rank and rank >= 2
+            and sv.dims[-1] is not None and sv.dims[-2] is not None and all(d is None for d in sv.dims[:-2])
+            and len(w.graph.state_shapes[sv.name]) == 2)
 
 
 def _not_weight(w: Walker, v: int) -> bool:
@@ -814,25 +821,28 @@ def _not_weight(w: Walker, v: int) -> bool:
     return sv is None or sv.name not in w.graph.parameters
 
 
-@handles(aten.mm, aten.addmm, *_ops("matmul", "linear"))
+@handles(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_ops("matmul", "linear"))
 def matmul(w: Walker, node) -> None:
-    """A product with a 2-D parameter is a linear layer; between activations it is opaque."""
+    """A product with a parameter matrix is a linear layer; between activations it is opaque."""
     b = bind(node)
-    a = vid(b.get("mat1", b.get("self") if "mat2" in b else b.get("input")))
-    m = vid(b.get("mat2", b.get("weight")))
-    bias = vid(b["self"]) if "mat1" in b else None
+    if "mat1" in b or "batch1" in b:
+        a, m = vid(b.get("mat1", b.get("batch1"))), vid(b.get("mat2", b.get("batch2")))
+        bias = vid(b["self"])
+    else:
+        a, m, bias = vid(b.get("self", b.get("input"))), vid(b.get("mat2", b.get("weight"))), None
     out = node.outputs[0]
-    if len(w.shape(a)) == 2 and len(w.shape(m)) == 2:
-        if _weight_2d(w, m) and _not_weight(w, a):
+    ra, rm = len(w.shape(a)), len(w.shape(m))
+    if ra == rm:
+        if _weight_view(w, m, rm) and _not_weight(w, a):
             _linear(w, node, a, m, bias, out, weight_first=False)
             return
-        if _weight_2d(w, a) and _not_weight(w, m):
+        if _weight_view(w, a, ra) and _not_weight(w, m):
             _linear(w, node, m, a, bias, out, weight_first=True)
             return
     opaque(w, node)
 
 
-@handles(*_ops("bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+@handles(*_ops("_scaled_dot_product_flash_attention_for_cpu",
                "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention",
                "_scaled_dot_product_attention_math", "_efficient_attention_forward", "_flash_attention_forward",

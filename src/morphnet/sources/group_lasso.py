@@ -39,9 +39,10 @@ class GroupLassoSource(Source):
         self.buckets = []
         elements = []
         for row_len in sorted(buckets):
-            entries = [(_param(model, n), i.out_dim, len(i.out_ids)) for n, i in buckets[row_len]]
-            self.buckets.append((row_len, entries))
-            elements.extend(i.out_ids for _, i in buckets[row_len])
+            # one row per entry of the weight's output dim (per group for transposed grouped convs)
+            rows = [(n, i.out_dim, analysis.alignments[(n, i.out_dim)]) for n, i in buckets[row_len]]
+            self.buckets.append((row_len, [(_param(model, n), d, len(ids)) for n, d, ids in rows]))
+            elements.extend(ids for _, _, ids in rows)
         self.elements = np.concatenate(elements) if elements else np.zeros(0, np.int64)
 
     def values(self) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""``morphnet run`` / ``learn`` / ``rebuild`` / ``cost`` / ``report`` end to end on the embedded
+default, shortened by flags so the suite stays fast on 2 CPU cores."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from morphnet.cli.main import main
+from morphnet.pipeline import files
+
+
+@pytest.fixture(scope="module")
+def fixed_strength_run(tmp_path_factory):
+    """A short run with a fixed strength: no correction after rebuild, so the slim network's
+    FLOPs must equal the regularizer's prediction exactly."""
+    out = tmp_path_factory.mktemp("run")
+    code = main(["run", "--steps", "120", "--retrain-steps", "40", "--strength", "3e-7",
+                 "--export-every", "50", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_run_writes_every_output(fixed_strength_run):
+    out = fixed_strength_run
+    for name in ("summary.json", "history.json", "config.json", "report.html",
+                 "learned_structure/alive_50.json", "learned_structure/alive_100.json",
+                 "learned_structure/alive_120.json", "checkpoints/learn.pt", "checkpoints/seed.pt",
+                 "plots/cost.png", "plots/accuracy.png", "plots/widths.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert any((out / "slim").iterdir())
+    counts = json.loads((out / "learned_structure/alive_120.json").read_text())
+    assert counts and all(isinstance(v, int) for v in counts.values())
+
+
+def test_slim_flops_are_below_the_seed_and_equal_the_prediction(fixed_strength_run):
+    summary = json.loads((fixed_strength_run / "summary.json").read_text())
+    seed, slim, learned = summary["seed"], summary["slim"], summary["learned"]
+    assert seed["flops_counted"] == seed["flops"] == seed["cost"]
+    assert slim["flops_counted"] < seed["flops_counted"]
+    assert slim["flops_counted"] == slim["flops"] == learned["cost"] == slim["predicted_cost"]
+    assert slim["widths"] == learned["widths"]
+    assert 0 <= slim["accuracy"] <= 1 and 0 <= seed["accuracy"] <= 1
+    assert slim["params"] < seed["params"]
+
+
+def test_slim_model_loads_back_with_the_learned_widths(fixed_strength_run):
+    import morphnet
+    from morphnet.data import load_data
+    from morphnet.seeds import create_seed
+
+    data = load_data("digits")
+    slim = morphnet.load_slim(lambda: create_seed("digits_cnn", in_channels=1), fixed_strength_run / "slim",
+                              data.example_inputs(1))
+    summary = json.loads((fixed_strength_run / "summary.json").read_text())
+    assert slim.features[0][0].out_channels == summary["slim"]["widths"]["features.0.0"]
+
+
+def test_report_command_rewrites_the_page(fixed_strength_run, capsys):
+    (fixed_strength_run / "report.html").unlink()
+    assert main(["report", str(fixed_strength_run)]) == 0
+    assert (fixed_strength_run / "report.html").read_text().count("data:image/png;base64,") == 3
+
+
+def test_learn_then_rebuild_then_cost_work_as_they_are(tmp_path, capsys):
+    assert main(["learn", "--steps", "30", "--out", str(tmp_path), "--quiet"]) == 0
+    assert (tmp_path / "learned_structure" / "alive_30.json").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["learned"]["step"] <= 30 and "slim" not in summary
+    capsys.readouterr()
+    assert main(["rebuild", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "learned" in capsys.readouterr().out
+    assert any((tmp_path / files.SLIM).iterdir())
+    assert main(["cost"]) == 0
+    table = capsys.readouterr().out
+    assert "features.0.0" in table and "total" in table
+    assert main(["cost", "--structure", str(tmp_path / "learned_structure" / "alive_30.json"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"name", "flops", "size", "channels"} <= set(rows[0])
+
+
+def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(tmp_path):
+    assert main(["run", "--target-cost", "0.5", "--steps", "400", "--retrain-steps", "20", "--no-baseline",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    half = summary["seed"]["flops_counted"] / 2
+    assert summary["target"]["target_cost"] == pytest.approx(half)
+    assert abs(summary["learned"]["cost"] / half - 1) <= 0.05
+    assert abs(summary["slim"]["flops_counted"] / half - 1) <= 0.05
