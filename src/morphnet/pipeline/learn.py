@@ -100,6 +100,8 @@ def learn_structure(
             counts = ctx.broadcast(exporter.get_alive_counts())
             candidates.append(Candidate(step, cost, counts))
             record = {"step": step, "cost": cost, "strength": strength, **meter.flush()}
+            if controller is not None:
+                record["reference"] = controller.reference(step)
             if step % export_every == 0 or step == cfg.steps:
                 if ctx.is_main:
                     exporter.create_file_and_save_alive_counts(out, step)

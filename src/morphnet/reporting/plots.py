@@ -27,13 +27,16 @@ def plot_cost(history: dict[str, Any], summary: dict[str, Any], path: Path) -> P
     steps = [r["step"] for r in learn]
     ax.plot(steps, [r["cost"] for r in learn], color="tab:blue", label=f"proposed {target['cost_name']}")
     ax.axhline(seed["cost"], color="grey", linestyle=":", label="seed")
+    if any("reference" in r for r in learn):
+        ax.plot(steps, [r.get("reference") for r in learn], color="tab:green", linestyle="--", label="reference")
     if target.get("target_cost"):
         t, tol = target["target_cost"], target["tolerance"]
         ax.axhspan(t * (1 - tol), t * (1 + tol), color="tab:green", alpha=0.2, label=f"target +-{tol:.0%}")
     learned = summary["learned"]
     ax.plot([learned["step"]], [learned["cost"]], "o", color="tab:red", label=f"chosen (step {learned['step']})")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{target['cost_name']} ({target['unit']})")
+    unit = target["unit"]
+    ax.set_ylabel(target["cost_name"] if target["cost_name"] == unit else f"{target['cost_name']} ({unit})")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
     ax2.plot(steps, [r["strength"] for r in learn], color="tab:orange", alpha=0.7, label="strength")
