@@ -341,3 +341,12 @@ def test_conv_variants_match_flop_counter():
     assert reg.get_cost().item() == counted_flops(net, *xs)
     # a linear layer on 11 tokens costs 11 times one on a vector
     assert reg.get_cost(["fc"]).item() == 11 * 2 * 9 * 7
+
+
+def test_instance_norm_passes_channels_through():
+    net = Normalized(nn.InstanceNorm2d(8, affine=True))
+    x = torch.randn(2, 3, 4, 4)
+    reg = morphnet.GroupLassoFlopsRegularizer(net, x, threshold=0.0)
+    assert morphnet.StructureExporter(reg).get_alive_counts() == {"conv": 8}
+    assert ("norm.weight", 0) in reg.analysis.alignments
+    assert reg.get_cost().item() == counted_flops(net, x)

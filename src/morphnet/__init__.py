@@ -14,6 +14,7 @@ from morphnet.regularizers import (
     GroupLassoActivationRegularizer, GroupLassoFlopsRegularizer, GroupLassoLatencyRegularizer,
     GroupLassoModelSizeRegularizer, NetworkRegularizer,
 )
+from morphnet.surgery import apply_structure, expand_structure, find_width_multiplier, load_slim, save_slim
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "GroupLassoModelSizeRegularizer", "GammaLatencyRegularizer", "GroupLassoLatencyRegularizer",
     "GammaActivationRegularizer", "GroupLassoActivationRegularizer",
     "StructureExporter", "write_summaries", "register_hardware", "Hardware",
+    "apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim",
 ]

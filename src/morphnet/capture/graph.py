@@ -69,6 +69,20 @@ class OpNode:
         return [a.index for a in flat if isinstance(a, ValueRef)]
 
 
+@dataclass(frozen=True)
+class LeafOp:
+    """Stands for a whole module call recorded as one node (its internals are not recorded)."""
+
+    module_type: type
+
+    def __str__(self) -> str:
+        return f"module:{self.module_type.__name__}"
+
+    @property
+    def overloadpacket(self):
+        return self
+
+
 @dataclass
 class Graph:
     """The recorded program: values, op nodes, inputs and outputs."""
@@ -95,17 +109,34 @@ class Graph:
 
 
 class _ModuleStack:
-    """Global forward hooks that track which named module is running."""
+    """Global forward hooks that track which named module is running.
 
-    def __init__(self, names: dict[int, str]):
+    Modules of ``leaf_types`` are recorded as one ``LeafOp`` node each: the recorder
+    skips the ops inside them.
+    """
+
+    def __init__(self, names: dict[int, str], leaf_types: tuple = ()):
         self.names = names
         self.stack: list[str] = []
+        self.leaf_types = leaf_types
+        self.leaf_depth = 0
+        self.recorder: _Recorder | None = None
+        self._leaf_args: tuple = ()
 
     def pre(self, module, args):
         name = self.names.get(id(module))
         self.stack.append(name if name is not None else (self.stack[-1] if self.stack else ""))
+        if self.leaf_depth:
+            self.leaf_depth += 1
+        elif self.leaf_types and isinstance(module, self.leaf_types) and self.recorder is not None:
+            self.leaf_depth = 1
+            self._leaf_args = args
 
     def post(self, module, args, output):
+        if self.leaf_depth:
+            self.leaf_depth -= 1
+            if self.leaf_depth == 0 and self.recorder is not None:
+                self.recorder.record_leaf(type(module), self._leaf_args, output, self.current)
         if self.stack:
             self.stack.pop()
 
@@ -140,9 +171,18 @@ class _Recorder(TorchDispatchMode):
                 idx = self.new_value(t)
         return ValueRef(idx)
 
+    def record_leaf(self, module_type: type, args: tuple, out, module: str) -> None:
+        rec_args = pytree.tree_map_only(torch.Tensor, self.ref, tuple(args))
+        node = OpNode(len(self.graph.nodes), LeafOp(module_type), rec_args, {"module": module}, [], module)
+        for o in pytree.tree_leaves(out):
+            node.outputs.append(self.new_value(o, producer=node.index) if isinstance(o, torch.Tensor) else None)
+        self.graph.nodes.append(node)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.modules.leaf_depth:
+            return out
         rec_args, rec_kwargs = pytree.tree_map_only(torch.Tensor, self.ref, (args, kwargs))
         node = OpNode(len(self.graph.nodes), func, rec_args, rec_kwargs, [], self.modules.current)
         for o in pytree.tree_leaves(out):
@@ -179,18 +219,26 @@ def preserved_state(model: nn.Module):
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def _run(model: nn.Module, inputs: tuple, graph: Graph, state_ids) -> Any:
+def _forward(model: nn.Module, inputs: tuple, state: dict | None):
+    if state is None:
+        return model(*inputs)
+    return torch.func.functional_call(model, state, inputs, strict=False)
+
+
+def _run(model: nn.Module, inputs: tuple, graph: Graph, state_ids, state: dict | None,
+         leaf_types: tuple = ()) -> Any:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    stack = _ModuleStack(names)
+    stack = _ModuleStack(names, leaf_types)
     h1 = nn.modules.module.register_module_forward_pre_hook(stack.pre)
     h2 = nn.modules.module.register_module_forward_hook(stack.post, always_call=True)
     recorder = _Recorder(graph, state_ids, stack)
+    stack.recorder = recorder
     try:
         for x in pytree.tree_leaves(inputs):
             if isinstance(x, torch.Tensor):
                 graph.inputs.append(recorder.new_value(x, is_input=True))
         with torch.no_grad(), recorder:
-            out = model(*inputs)
+            out = _forward(model, inputs, state)
         graph.outputs = [recorder.value_of[id(t)] if id(t) in recorder.value_of else recorder.ref(t).index
                          for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     finally:
@@ -199,7 +247,7 @@ def _run(model: nn.Module, inputs: tuple, graph: Graph, state_ids) -> Any:
     return out
 
 
-def _modules_run_in_eval(model: nn.Module, inputs: tuple) -> set[str]:
+def _modules_run_in_eval(model: nn.Module, inputs: tuple, state: dict | None) -> set[str]:
     """Names of the modules that run in eval mode (training-only branches are absent)."""
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     ran: set[str] = {""}
@@ -212,48 +260,76 @@ def _modules_run_in_eval(model: nn.Module, inputs: tuple) -> set[str]:
     try:
         model.eval()
         with torch.no_grad():
-            model(*inputs)
+            _forward(model, inputs, state)
     finally:
         handle.remove()
     return ran
 
 
-def capture_graph(model: nn.Module, example_inputs) -> Graph:
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    if t.layout != torch.strided:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Meta-device stand-ins for every parameter and buffer (tied tensors stay tied)."""
+    by_id: dict[int, torch.Tensor] = {}
+    state = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if id(t) not in by_id:
+            by_id[id(t)] = _meta(t)
+        state[n] = by_id[id(t)]
+    return state
+
+
+def _record(model: nn.Module, inputs: tuple, state: dict | None, info: dict, leaf_types: tuple) -> Graph:
+    """Record in training mode (retrying at batch 2 when BatchNorm needs it), then find eval modules."""
+    source = state if state is not None else dict(
+        list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)))
+    state_ids: dict[int, tuple[str, bool]] = {}
+    for n, t in source.items():
+        state_ids.setdefault(id(t), (n, n in info["parameters"]))
+    model.train()
+    graph = Graph(**info)
+    try:
+        _run(model, inputs, graph, state_ids, state, leaf_types)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
+        graph = Graph(**info)
+        _run(model, inputs, graph, state_ids, state, leaf_types)
+    graph.eval_modules = _modules_run_in_eval(model, inputs, state)
+    return graph
+
+
+def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -> Graph:
     """Run ``model(*example_inputs)`` once in training mode and record its aten ops.
 
-    Per-example costs divide by the batch size, the size of dimension 0 of the first
-    example input. If training mode cannot run on that batch (BatchNorm needs more
-    than one value per channel), the inputs are repeated to a batch of two: shapes
-    per example are unchanged.
+    The run uses meta-device stand-ins for the inputs, parameters and buffers, so it
+    costs no arithmetic; models that cannot run on the meta device (data-dependent
+    code) are run for real instead. Per-example costs divide by the batch size, the
+    size of dimension 0 of the first example input. If training mode cannot run on
+    that batch (BatchNorm needs more than one value per channel), the inputs are
+    repeated to a batch of two: shapes per example are unchanged. Calls of modules of
+    ``leaf_types`` are recorded as single ``LeafOp`` nodes.
     """
     inputs = _as_tuple(example_inputs)
     tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
     if not tensors:
         raise ValueError("example_inputs must contain at least one tensor that the model accepts")
-    state_ids: dict[int, tuple[str, bool]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        state_ids.setdefault(id(p), (n, True))
-    for n, b in model.named_buffers(remove_duplicate=False):
-        state_ids.setdefault(id(b), (n, False))
-    module_types = {n: type(m) for n, m in model.named_modules()}
     state_shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        state_shapes.setdefault(n, tuple(p.shape))
-    for n, b in model.named_buffers(remove_duplicate=False):
-        state_shapes.setdefault(n, tuple(b.shape))
-    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        state_shapes.setdefault(n, tuple(t.shape))
+    info = dict(module_types={n: type(m) for n, m in model.named_modules()}, state_shapes=state_shapes,
+                parameters={n for n, _ in model.named_parameters(remove_duplicate=False)})
     with preserved_state(model):
-        model.train()
-        graph = Graph(module_types=module_types, state_shapes=state_shapes, parameters=parameters)
         try:
-            _run(model, inputs, graph, state_ids)
-        except ValueError as e:
-            if "Expected more than 1 value per channel" not in str(e):
-                raise
-            inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
-            graph = Graph(module_types=module_types, state_shapes=state_shapes, parameters=parameters)
-            _run(model, inputs, graph, state_ids)
-        graph.eval_modules = _modules_run_in_eval(model, inputs)
-    graph.batch_size = int(graph.values[graph.inputs[0]].shape[0]) if graph.values[graph.inputs[0]].shape else 1
+            meta_inputs = pytree.tree_map_only(torch.Tensor, _meta, inputs)
+            graph = _record(model, meta_inputs, _meta_state(model), info, tuple(leaf_types))
+        except Exception:  # data-dependent code cannot run on meta tensors: run it for real
+            graph = _record(model, inputs, None, info, tuple(leaf_types))
+    first = graph.values[graph.inputs[0]]
+    graph.batch_size = int(first.shape[0]) if first.shape else 1
     return graph

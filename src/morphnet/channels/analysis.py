@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnet.capture.graph import Graph, OpNode, ValueRef
+from morphnet.capture.graph import Graph, LeafOp, OpNode, ValueRef
 from morphnet.channels.elements import ElementTable
 from morphnet.errors import UnsupportedGraphError
 
@@ -259,7 +259,7 @@ def analyze_channels(
     prune_outputs: bool = False,
 ) -> ChannelAnalysis:
     """Walk ``graph`` and return the channel groups and per-layer data."""
-    from morphnet.channels.handlers import HANDLERS, handle_unknown
+    from morphnet.channels.handlers import HANDLERS, handle_unknown, leaf_handler
 
     in_bound = _norm_names(input_boundary, model, "input_boundary")
     out_bound = _norm_names(output_boundary, model, "output_boundary")
@@ -277,7 +277,8 @@ def analyze_channels(
                     if graph.values[v].producer is None or graph.values[v].producer not in skip:
                         w.fix(v)
             continue
-        handler = HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket)
+        handler = leaf_handler(node.op) if isinstance(node.op, LeafOp) else (
+            HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket))
         if handler is None:
             handle_unknown(w, node)
         else:
@@ -372,3 +373,12 @@ def vid(x) -> int | None:
 
 __all__ = ["ChannelAnalysis", "Chan", "LayerCall", "WeightInfo", "DataOp", "TensorUse", "analyze_channels",
            "Walker", "bind", "vid", "torch"]
+
+
+def analyze_model(model: nn.Module, example_inputs, **options) -> ChannelAnalysis:
+    """Capture ``model`` on ``example_inputs`` and analyze its channels (options as analyze_channels)."""
+    from morphnet.capture import capture_graph
+    from morphnet.channels.handlers import leaf_types
+
+    graph = capture_graph(model, example_inputs, leaf_types=leaf_types())
+    return analyze_channels(graph, model=model, **options)

@@ -58,6 +58,30 @@ def _io(node) -> list:
     return node.tensor_inputs() + [o for o in node.outputs if o is not None]
 
 
+# Module types recorded as one node (their internals are not recorded), with their handlers.
+LEAF_HANDLERS: dict[type, Callable] = {}
+
+
+def handles_module(*module_types: type) -> Callable:
+    """Register a handler for whole calls of these module types (see ``capture_graph``)."""
+    def register(fn):
+        for t in module_types:
+            LEAF_HANDLERS[t] = fn
+        return fn
+    return register
+
+
+def leaf_handler(op) -> Callable:
+    for klass in op.module_type.__mro__:
+        if klass in LEAF_HANDLERS:
+            return LEAF_HANDLERS[klass]
+    raise AssertionError(f"no handler for leaf module type {op.module_type}")
+
+
+def leaf_types() -> tuple:
+    return tuple(LEAF_HANDLERS)
+
+
 def handle_unknown(w: Walker, node) -> None:
     """An op with no handler: fine on channel-free tensors, an error on channel-carrying ones."""
     for v in node.tensor_inputs():
@@ -871,3 +895,18 @@ def _register_pointwise_tagged() -> None:
 
 
 _register_pointwise_tagged()
+
+
+@handles_module(torch.nn.modules.instancenorm._InstanceNorm)
+def instance_norm(w: Walker, node) -> None:
+    """InstanceNorm: statistics per sample and channel, so channels pass through."""
+    x = node.tensor_inputs()[0]
+    module = node.kwargs["module"]
+    ids = w.need_chan(x, 1 if len(w.shape(x)) > 2 else 0)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        name = f"{module}.{key}" if module else key
+        if name in w.graph.state_shapes:
+            w.align(name, 0, ids)
+    out = node.outputs[0]
+    w.set_chan(out, Chan(w.chan(x).dim, ids))
+    _record_data(w, node, [x, out])

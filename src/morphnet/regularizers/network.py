@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnet.capture import capture_graph
-from morphnet.channels import analyze_channels
+from morphnet.channels import analyze_model
 from morphnet.costs import build_cost_program, get_hardware
 from morphnet.evaluation import CostEvaluator
 from morphnet.sources import GammaSource, GroupLassoSource, Source, SourceGrouping
@@ -45,10 +44,10 @@ class NetworkRegularizer:
         if resource == "latency" and self.hardware is None:
             raise ValueError("latency regularizers need hardware=..., e.g. 'V100' or 'H100'")
         self.batch_size = batch_size
-        self.graph = capture_graph(model, example_inputs)
-        self.analysis = analyze_channels(
-            self.graph, model=model, input_boundary=input_boundary, output_boundary=output_boundary,
+        self.analysis = analyze_model(
+            model, example_inputs, input_boundary=input_boundary, output_boundary=output_boundary,
             force_group=force_group, regularizer_blacklist=regularizer_blacklist, prune_outputs=prune_outputs)
+        self.graph = self.analysis.graph
         self.source = self._make_source(model)
         self.grouping = SourceGrouping(self.analysis, self.source)
         if not self.grouping.regularized.any():

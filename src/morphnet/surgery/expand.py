@@ -1,0 +1,149 @@
+"""Uniform expansion of a structure, rounding, and the width multiplier that meets a cost target.
+
+Layers coupled by residual adds or depthwise convs share channel groups, so widths are
+scaled per *cluster* of coupled layers, never per layer: a cluster with n prunable
+channel groups gets ``round(factor * n)`` of them, rounded to the unit that makes every
+member's width a multiple of ``round_to`` (a grouped conv with 8 groups already comes
+in blocks of 8). A cluster that had channels keeps at least one unit; one that vanished
+stays at zero. Channels that cannot be pruned (model outputs, ...) keep their width and
+are not rounded. Widths may exceed the seed's: ``apply_structure`` then builds fresh
+channels (expanded structures are for retraining from scratch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from morphnet.costs import build_cost_program, get_hardware
+from morphnet.evaluation import CostEvaluator
+from morphnet.regularizers import NetworkRegularizer
+from morphnet.surgery.structure import Structure, _fill, copies_for_counts, keep_nonempty, resolve
+
+_RESOURCES = ("flops", "size", "latency")
+
+
+def expand_structure(model: nn.Module, structure, example_inputs, factor: float, *,
+                     round_to: int | None = None) -> dict[str, int]:
+    """Scale every width of ``structure`` by ``factor`` (coupled layers together), rounded to ``round_to``."""
+    if not factor >= 0 or math.isinf(factor):
+        raise ValueError(f"factor must be a finite number >= 0, got {factor}")
+    s = _resolve_counts(model, structure, example_inputs)
+    return _Expander(s, round_to).counts(factor)
+
+
+def find_width_multiplier(model: nn.Module, structure, example_inputs, target_cost: float, *,
+                          resource: str = "flops", hardware=None, round_to: int | None = None
+                          ) -> tuple[float, dict[str, int]]:
+    """The factor whose expansion of ``structure`` costs ``target_cost`` (within 1%), and its counts.
+
+    The cost is that of ``apply_structure(model, counts, example_inputs)``: FLOPs per
+    example, weight count ('size'), or roofline latency on ``hardware`` at batch size 1.
+    """
+    if resource not in _RESOURCES:
+        raise ValueError(f"resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
+    if resource == "latency" and hardware is None:
+        raise ValueError("resource='latency' needs hardware=..., e.g. 'V100' or 'H100'")
+    if not target_cost > 0:
+        raise ValueError(f"target_cost must be > 0, got {target_cost}")
+    s = _resolve_counts(model, structure, example_inputs)
+    program = build_cost_program(s.analysis, resource, hardware=get_hardware(hardware) if hardware else None)
+    evaluator = CostEvaluator(program, s.analysis.group_of, s.analysis.num_groups)
+    ex = _Expander(s, round_to)
+
+    def cost(f: float) -> float:
+        counts = ex.counts(f)
+        copies = keep_nonempty(s, copies_for_counts(s.table, counts, s.names), warn=False)
+        alive = torch.as_tensor(copies, dtype=torch.float64)
+        return float(evaluator.evaluate(alive, None)[0])
+
+    tried: dict[float, float] = {}
+
+    def at(f: float) -> float:
+        if f not in tried:
+            tried[f] = cost(f)
+        return tried[f]
+
+    lo, hi = 0.0, 1.0
+    while at(hi) < target_cost:
+        if hi > 1e4:
+            raise ValueError(f"target_cost {target_cost:.6g} is out of reach: the expanded structure costs at most "
+                             f"{at(hi):.6g} {resource} (no layer of the structure can grow)")
+        lo, hi = hi, hi * 2
+    if at(lo) < target_cost:
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            if at(mid) < target_cost:
+                lo = mid
+            else:
+                hi = mid
+    best = min(tried, key=lambda f: (abs(tried[f] - target_cost), f))
+    if abs(tried[best] - target_cost) > 0.01 * target_cost:
+        below = max((c for c in tried.values() if c < target_cost), default=None)
+        above = min((c for c in tried.values() if c >= target_cost), default=None)
+        raise ValueError(f"no width multiplier puts the cost within 1% of {target_cost:.6g} {resource}: the "
+                         f"nearest expansions cost {below} and {above}"
+                         + (f" (round_to={round_to} makes the steps coarse; try a smaller one)" if round_to else ""))
+    return best, ex.counts(best)
+
+
+def _resolve_counts(model: nn.Module, structure, example_inputs) -> Structure:
+    """Widths only: a regularizer contributes its alive counts, read against the default analysis."""
+    if isinstance(structure, NetworkRegularizer):
+        structure = structure.alive_counts()
+    return resolve(model, structure, example_inputs)
+
+
+class _Expander:
+    """Clusters of coupled layers of a structure and their scaling."""
+
+    def __init__(self, s: Structure, round_to: int | None):
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+        self.s = s
+        layers = [s.table.layers[n] for n in s.names]
+        parent = list(range(len(layers)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        seen: dict[int, int] = {}
+        for i, layer in enumerate(layers):
+            for g in layer.groups[~layer.fixed]:
+                j = seen.setdefault(int(g), i)
+                parent[find(i)] = find(j)
+        members: dict[int, list[int]] = {}
+        for i in range(len(layers)):
+            members.setdefault(find(i), []).append(i)
+        self.clusters = []  # (groups in order, unit in groups)
+        for idx in members.values():
+            groups = list(dict.fromkeys(int(g) for i in idx for g in layers[i].groups[~layers[i].fixed]))
+            unit = 1
+            if round_to:
+                for i in idx:
+                    free = layers[i].mult[~layers[i].fixed]
+                    if len(free):
+                        step = int(np.gcd.reduce(free))
+                        unit = math.lcm(unit, round_to // math.gcd(round_to, step))
+            self.clusters.append((np.array(groups, np.int64), unit))
+
+    def copies(self, factor: float) -> np.ndarray:
+        copies = self.s.copies.copy()
+        for groups, unit in self.clusters:
+            n = int(copies[groups].sum())
+            if n == 0:
+                continue
+            units = max(1, math.floor(factor * n / unit + 0.5))
+            copies[groups] = _fill(np.ones(len(groups), np.int64), units * unit)
+        return copies
+
+    def counts(self, factor: float) -> dict[str, int]:
+        return self.s.counts(self.copies(factor))

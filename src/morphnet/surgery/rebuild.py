@@ -1,0 +1,219 @@
+"""Rebuild a model with a learned structure: a narrower deep copy with the same classes.
+
+Every parameter / buffer dimension whose entries follow channels (the analysis's
+``alignments``: conv and linear weights on both sides, biases, BatchNorm statistics,
+GroupNorm affine parameters, per-channel parameters used in functional code, linear
+inputs after a flatten, ...) is rebuilt by repeating each entry ``copies[group]`` times,
+in place: 0 drops it, 1 keeps it, more builds fresh channels. Then the attributes that
+store widths are updated by module type (conv in / out channels and depthwise groups,
+BatchNorm / InstanceNorm ``num_features``, GroupNorm, LayerNorm, Linear, PReLU,
+Embedding). Modules of other types keep their attributes; if their forward reads a
+width from one, the check run at the end fails and the error names them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from morphnet.capture.graph import preserved_state
+from morphnet.surgery.structure import Structure, keep_nonempty, resolve
+
+
+def apply_structure(model: nn.Module, structure, example_inputs, *, keep_weights: bool = False,
+                    init_fn: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """A new, narrower copy of ``model`` with the widths of ``structure``; ``model`` is untouched.
+
+    ``structure``: alive counts ``{layer name: output channels}``, a path to an exporter
+    JSON file, or a network regularizer (its currently alive channels). Layers absent from
+    a counts dict keep their width; counts above a layer's width build fresh channels.
+    ``keep_weights=True`` keeps the weights (and BatchNorm statistics) of the surviving
+    channels: with a regularizer whose dead channels are exactly zero, the result computes
+    the same outputs. Otherwise every submodule's ``reset_parameters()`` runs, then
+    ``init_fn(slim)`` if given (for example the seed family's own initialization);
+    parameters of modules without ``reset_parameters`` (ViT's class token) keep their values
+    unless ``init_fn`` sets them.
+
+    A layer reduced to zero channels: a linear layer may vanish (its consumer then sees
+    only its bias); convolutions and normalization layers keep one channel group, with a
+    warning, because PyTorch cannot run them with zero width.
+    """
+    s = resolve(model, structure, example_inputs)
+    copies = keep_nonempty(s, s.copies)
+    return build(model, s, copies, example_inputs, keep_weights=keep_weights, init_fn=init_fn)
+
+
+def build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *, keep_weights: bool = False,
+          init_fn: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """The copy of ``model`` with ``copies[g]`` instances of every channel group ``g``."""
+    a = s.analysis
+    if keep_weights and (copies > 1).any():
+        wide = [n for n, layer in s.table.layers.items() if layer.count(copies) > layer.width]
+        raise ValueError(f"keep_weights=True needs every width at most the model's, but the structure widens "
+                         f"{', '.join(repr(n) for n in wide[:5])}; use keep_weights=False for expanded structures")
+    slim = copy.deepcopy(model)
+    owners = _state_owners(slim)
+    by_state: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (state, dim), ids in a.alignments.items():
+        by_state.setdefault(state, []).append((dim, ids))
+    names = {id(m): n for n, m in slim.named_modules()}
+    changed: set[str] = set()
+    with torch.no_grad():
+        for state, dims in by_state.items():
+            indices = [(d, np.repeat(np.arange(len(ids)), copies[a.group_of[ids]])) for d, ids in sorted(dims)]
+            indices = [(d, i) for d, i in indices if not np.array_equal(i, np.arange(a.graph.state_shapes[state][d]))]
+            if not indices:
+                continue
+            if state in a.opaque_states:
+                raise AssertionError(f"internal error: '{state}' is used in a way the analysis cannot map, "
+                                     f"yet the structure changes its channels")
+            places = owners.get(state)
+            if places is None:
+                raise ValueError(f"'{state}' is not a parameter or buffer of {type(model).__name__}")
+            module, attr, is_param = places[0]
+            t = getattr(module, attr)
+            for d, i in indices:
+                t = t.index_select(d, torch.as_tensor(i, device=t.device))
+            new = nn.Parameter(t.clone(), requires_grad=getattr(module, attr).requires_grad) if is_param else t.clone()
+            for module, attr, is_param in places:
+                (module._parameters if is_param else module._buffers)[attr] = new
+                changed.add(names.get(id(module), ""))
+    originals = dict(model.named_modules())
+    unknown = []
+    for name, module in slim.named_modules():
+        if not _update_attributes(module, originals[name], name, a, copies) and name in changed:
+            unknown.append(f"'{name}' ({type(module).__name__})")
+    if not keep_weights:
+        with warnings.catch_warnings():  # layers that vanished have zero-element weights
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            for module in slim.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        if init_fn is not None:
+            init_fn(slim)
+    check_runs(slim, model, example_inputs, unknown, same_outputs=s.regularizer is None)
+    return slim
+
+
+def _state_owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
+    """State name -> every (module, attribute, is_parameter) holding that tensor (tied ones share)."""
+    places: dict[int, list] = {}
+    first: dict[str, int] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for kind, table in ((True, module._parameters), (False, module._buffers)):
+            for attr, t in table.items():
+                if t is None:
+                    continue
+                places.setdefault(id(t), [])
+                if all(m is not module or a != attr for m, a, _ in places[id(t)]):
+                    places[id(t)].append((module, attr, kind))
+                first[f"{mname}.{attr}" if mname else attr] = id(t)
+    return {name: places[key] for name, key in first.items()}
+
+
+def _width_from_data(name: str, a, copies: np.ndarray) -> int | None:
+    """Channels a parameter-free module sees, from the ops it runs (None when unknown or fixed)."""
+    for op in a.data_ops:
+        if op.module == name and op.uses:
+            ids = op.uses[0].ids
+            return None if ids is None else int(copies[a.group_of[ids]].sum())
+    return None
+
+
+def _update_attributes(module: nn.Module, original: nn.Module, name: str, a, copies: np.ndarray) -> bool:
+    """Set the width attributes of a module of a known type from its new state; False if unknown type."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        depthwise = original.groups > 1 and original.groups == original.in_channels
+        if module.transposed:
+            module.in_channels = w.shape[0]
+            if depthwise:
+                module.groups = module.in_channels
+            module.out_channels = w.shape[1] * module.groups
+        else:
+            module.out_channels = w.shape[0]
+            if depthwise:
+                module.groups = module.out_channels * original.in_channels // original.out_channels
+            module.in_channels = w.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Bilinear):
+        module.out_features, module.in1_features, module.in2_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, SyncBatchNorm, InstanceNorm
+        state = module.weight if module.weight is not None else module.running_mean
+        width = state.shape[0] if state is not None else _width_from_data(name, a, copies)
+        if width is not None:
+            module.num_features = width
+    elif isinstance(module, nn.GroupNorm):
+        width = module.weight.shape[0] if module.weight is not None else _width_from_data(name, a, copies)
+        if width is not None:
+            module.num_groups = width // (original.num_channels // original.num_groups)
+            module.num_channels = width
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    else:
+        return False
+    return True
+
+
+def check_runs(slim: nn.Module, model: nn.Module, example_inputs, unknown: list[str], same_outputs: bool) -> None:
+    """Run ``slim`` in training and eval mode (on meta tensors when possible); clear error if it fails.
+
+    With ``same_outputs`` its outputs must have the model's shapes (they do unless a
+    regularizer with ``prune_outputs=True`` proposed the structure)."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        for training in (True, False):
+            got = _shapes(slim, inputs, training)
+            want = _shapes(model, inputs, training) if same_outputs else got
+            if got != want:
+                raise RuntimeError(f"its outputs have shapes {got} instead of {want}")
+    except Exception as e:
+        culprits = (f" Modules of types this library does not know had parameters narrowed and may store a width "
+                    f"in an attribute: {', '.join(unknown)}." if unknown else "")
+        raise RuntimeError(f"the rebuilt {type(model).__name__} does not run on example_inputs: {e}.{culprits} "
+                           f"Put such modules behind an input_boundary / output_boundary when learning the "
+                           f"structure, or report the model.") from e
+
+
+def _shapes(model: nn.Module, inputs: tuple, training: bool) -> list[tuple[int, ...]]:
+    """Output shapes of one forward; batch doubled when BatchNorm cannot train on one example."""
+    with preserved_state(model):
+        model.train(training)
+        try:
+            out = _run_meta(model, inputs)
+        except Exception:  # data-dependent code cannot run on meta tensors: run it for real
+            with torch.no_grad():
+                try:
+                    out = model(*inputs)
+                except ValueError as e:
+                    if "Expected more than 1 value per channel" not in str(e):
+                        raise
+                    out = model(*_doubled(inputs))
+    return [tuple(t.shape[1:]) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _doubled(inputs: tuple) -> tuple:
+    return pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
+
+
+def _run_meta(model: nn.Module, inputs: tuple):
+    meta = {}
+    by_id: dict[int, torch.Tensor] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        meta[n] = by_id.setdefault(id(t), torch.empty_like(t, device="meta"))
+    inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), _doubled(inputs))
+    with torch.no_grad():
+        return torch.func.functional_call(model, meta, inputs, strict=False)
