@@ -155,8 +155,11 @@ def retrain_stage(session: Session, model: nn.Module, name: str, history: dict) 
     model.to(ctx.device)
     records: list[dict] = []
     writer = session.tensorboard()
+    eval_every = max(1, cfg.retrain_steps // 10)
 
     def on_log(step: int, metrics: dict) -> None:
+        if step % eval_every < cfg.log_every or step == cfg.retrain_steps:
+            metrics["test_accuracy"] = evaluate(model, session.data.test, ctx.device)
         records.append({"step": step, **metrics})
         if writer is not None:
             for key, value in metrics.items():
@@ -165,10 +168,8 @@ def retrain_stage(session: Session, model: nn.Module, name: str, history: dict) 
     with session.progress(cfg.retrain_steps, name) as bar:
         train(model, session.data.train, steps=cfg.retrain_steps, lr=cfg.retrain_lr, batch_size=cfg.batch_size,
               seed=cfg.seed, ctx=ctx, on_log=on_log, log_every=cfg.log_every, progress=bar)
-    accuracy = evaluate(model, session.data.test, ctx.device)
-    records[-1]["test_accuracy"] = accuracy
     history[name] = records
-    return accuracy, time.perf_counter() - start
+    return records[-1]["test_accuracy"], time.perf_counter() - start
 
 
 def finish(session: Session, summary: dict, history: dict) -> dict:
