@@ -41,6 +41,8 @@ def _owner(state: str) -> str:
 
 def _record_data(w: Walker, node, values) -> None:
     """Memory traffic of a data-moving op over its activation (non-state) tensors."""
+    if not any(w.graph.values[v].state_name is None for v in node.tensor_inputs()):
+        return  # bookkeeping on model state (BatchNorm's num_batches_tracked += 1)
     uses = []
     for v in values:
         if v is None or w.graph.values[v].state_name is not None:

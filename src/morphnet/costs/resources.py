@@ -106,7 +106,7 @@ def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, l
             else:
                 p.bilinear.append((li, MEMORY, b * call.kernel / call.groups, x, y))
     for op in a.data_ops:
-        if a.graph.training_only(op.module):
+        if a.graph.training_only(op.module) or _is_dropout(a.graph.module_types.get(op.module)):
             continue
         li = p.layer(op.module, op.name)
         for use in op.uses:
@@ -114,6 +114,12 @@ def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, l
                 p.const.append((li, MEMORY, b * batch_size * use.numel))
             else:
                 p.linear.append((li, MEMORY, b * batch_size * use.numel, p.set_of(use.ids), -1))
+
+
+def _is_dropout(module_type) -> bool:
+    """Dropout and stochastic depth are identities at inference: they move no data."""
+    return module_type is not None and any(k.__name__.endswith(("Dropout", "DropoutNd", "StochasticDepth", "DropPath"))
+                                           for k in module_type.__mro__)
 
 
 def _layer_per_call(p: CostProgram):

@@ -123,7 +123,8 @@ def _from_regularizer(model: nn.Module, reg: NetworkRegularizer) -> Structure:
     copies = reg.alive_groups().cpu().numpy().astype(np.int64)
     values = reg.source.values().detach()
     _, reg_g = reg.grouping.group_vectors(values, reg.source.alive(values), with_reg=True)
-    names = [n for n in table.layers if n in reg.alive_counts()]
+    listed = reg.alive_counts()
+    names = [n for n in table.layers if n in listed]
     return Structure(a, table, copies, names, reg_g.detach().cpu().numpy(), reg)
 
 
