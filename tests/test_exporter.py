@@ -1,0 +1,52 @@
+"""StructureExporter: counts, file format, atomic writes, prefixes, and reading files back."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import morphnet
+from morphnet.export import load_alive_counts
+from nets import ConcatNet
+
+
+def _reg(net=None):
+    return morphnet.GammaFlopsRegularizer(net or ConcatNet(), torch.randn(1, 3, 17, 19), gamma_threshold=0.45)
+
+
+def test_file_is_flat_sorted_indented_json_at_the_step_path(tmp_path):
+    path = morphnet.StructureExporter(_reg()).create_file_and_save_alive_counts(tmp_path, 9000)
+    assert path == tmp_path / "learned_structure" / "alive_9000.json"
+    text = path.read_text()
+    assert json.loads(text) == {"conv1": 7, "conv2": 11, "conv3": 10, "conv4": 17}
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
+    assert load_alive_counts(path) == json.loads(text)
+
+
+def test_zero_counts_are_exported():
+    net = ConcatNet()
+    with torch.no_grad():
+        net.bn2.weight.zero_()
+    assert morphnet.StructureExporter(_reg(net)).get_alive_counts()["conv2"] == 0
+
+
+def test_remove_common_prefix():
+    wrapped = nn.Sequential()
+    wrapped.add_module("backbone", ConcatNet())
+    exporter = morphnet.StructureExporter(_reg(wrapped), remove_common_prefix=True)
+    assert exporter.get_alive_counts() == {"conv1": 7, "conv2": 11, "conv3": 10, "conv4": 17}
+    assert "backbone.conv1" in morphnet.StructureExporter(_reg(wrapped)).get_alive_counts()
+
+
+def test_loading_bad_files_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_alive_counts(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_alive_counts(bad)
+    bad.write_text('{"conv1": "seven"}')
+    with pytest.raises(ValueError, match="conv1"):
+        load_alive_counts(bad)
