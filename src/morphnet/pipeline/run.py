@@ -17,6 +17,7 @@ from torch import nn
 from morphnet.data import DataBundle, load_data
 from morphnet.pipeline import distributed, files
 from morphnet.pipeline.config import RunConfig
+from morphnet.pipeline.costs import cost_table, model_cost
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import LearnResult, learn_structure
 from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, rebuild
@@ -79,11 +80,9 @@ class Session:
 
 def _measure(model: nn.Module, example: torch.Tensor, resource: str, hardware: str | None) -> dict[str, Any]:
     """FLOPs (MorphNet's count and FlopCounterMode's), parameters and cost in ``resource`` units."""
-    import morphnet
-
     model = model.cpu()
-    flops = morphnet.compute_cost(model, example, resource="flops")
-    cost = flops if resource == "flops" else morphnet.compute_cost(model, example, resource=resource, hardware=hardware)
+    flops = model_cost(model, example, "flops")
+    cost = flops if resource == "flops" else model_cost(model, example, resource, hardware)
     return {"flops": float(flops), "flops_counted": count_flops(model, example), "params": count_params(model), "cost": float(cost)}
 
 
@@ -131,18 +130,28 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
 
     cfg = session.cfg
     budget = resolve_target(cfg.expand_to, seed_cost) if cfg.expand_to is not None else None
-    if (budget is None and target_cost is not None and learned_cost is not None and cfg.target in EXPANDABLE
-            and abs(learned_cost / target_cost - 1) > CORRECTION_THRESHOLD):
+    trim = (budget is None and target_cost is not None and learned_cost is not None and cfg.target in EXPANDABLE
+            and abs(learned_cost / target_cost - 1) > CORRECTION_THRESHOLD)
+    if trim:
         budget = target_cost
-    torch.manual_seed(cfg.seed + 1)
-    rebuilt = rebuild(seed.cpu(), counts, session.example, resource=cfg.target, budget=budget,
-                      hardware=cfg.hardware, round_to=cfg.round_to)
+    seed = seed.cpu()
+
+    def build(budget: float | None) -> Rebuilt:
+        torch.manual_seed(cfg.seed + 1)
+        return rebuild(seed, counts, session.example, resource=cfg.target, budget=budget,
+                       hardware=cfg.hardware, round_to=cfg.round_to)
+
+    try:
+        rebuilt = build(budget)
+    except ValueError as error:
+        if not trim:
+            raise
+        session.log(f"kept the learned widths: {error}")  # widths too coarse to land within 1%
+        budget, rebuilt = None, build(None)
     if budget is None and not cfg.round_to and learned_cost is not None:
         predicted = learned_cost
     else:
-        import morphnet
-
-        predicted = float(morphnet.compute_cost(rebuilt.model, session.example, resource=cfg.target, hardware=cfg.hardware))
+        predicted = model_cost(rebuilt.model, session.example, cfg.target, cfg.hardware)
     if rebuilt.width_multiplier is not None:
         session.log(f"uniform width multiplier {rebuilt.width_multiplier:.4f} to reach {budget:.4g} {UNITS[cfg.target]}")
     return rebuilt, predicted
@@ -268,7 +277,8 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
             import morphnet
 
             morphnet.save_slim(session.out / files.SLIM, rebuilt.model.cpu(), rebuilt.counts)
-            seed_widths = {name: row["channels"] for name, row in _layer_rows(seed, session.example).items()}
+            channels = {row["name"]: row["channels"] for row in cost_table(seed, session.example)}
+            seed_widths = {name: channels[name] for name in rebuilt.counts}
             print(format_widths(seed_widths, rebuilt.counts), flush=True)
             print(f"seed {seed_stats['flops']:.4g} FLOPs, {seed_stats['params']} params -> slim "
                   f"{slim_stats['flops']:.4g} FLOPs (counted {slim_stats['flops_counted']}), "
@@ -278,13 +288,6 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         return summary
     finally:
         session.close()
-
-
-def _layer_rows(model: nn.Module, example: torch.Tensor, hardware: str | None = None) -> dict[str, dict]:
-    """``morphnet.cost_table`` keyed by layer name."""
-    import morphnet
-
-    return {row["name"]: row for row in morphnet.cost_table(model, example, hardware=hardware)}
 
 
 def cost_only(cfg: RunConfig, structure: str | Path | None = None) -> list[dict]:
@@ -299,4 +302,4 @@ def cost_only(cfg: RunConfig, structure: str | Path | None = None) -> list[dict]
         import morphnet
 
         model = morphnet.apply_structure(model, load_structure(structure), example)
-    return list(_layer_rows(model, example, cfg.hardware).values())
+    return cost_table(model, example, cfg.hardware)
