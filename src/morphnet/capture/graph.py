@@ -136,7 +136,9 @@ class _ModuleStack:
         if self.leaf_depth:
             self.leaf_depth -= 1
             if self.leaf_depth == 0 and self.recorder is not None:
-                self.recorder.record_leaf(type(module), self._leaf_args, output, self.current)
+                attributes = getattr(module, "leaf_attributes", None)
+                self.recorder.record_leaf(type(module), self._leaf_args, output, self.current,
+                                          attributes() if callable(attributes) else {})
         if self.stack:
             self.stack.pop()
 
@@ -171,9 +173,12 @@ class _Recorder(TorchDispatchMode):
                 idx = self.new_value(t)
         return ValueRef(idx)
 
-    def record_leaf(self, module_type: type, args: tuple, out, module: str) -> None:
+    def record_leaf(self, module_type: type, args: tuple, out, module: str, attributes: dict) -> None:
+        """One node for a whole module call; ``attributes`` (from the module's optional
+        ``leaf_attributes()``) tell its handler what the shapes cannot, e.g. which dim it acts on."""
         rec_args = pytree.tree_map_only(torch.Tensor, self.ref, tuple(args))
-        node = OpNode(len(self.graph.nodes), LeafOp(module_type), rec_args, {"module": module}, [], module)
+        node = OpNode(len(self.graph.nodes), LeafOp(module_type), rec_args,
+                      {"module": module, "attributes": dict(attributes)}, [], module)
         for o in pytree.tree_leaves(out):
             node.outputs.append(self.new_value(o, producer=node.index) if isinstance(o, torch.Tensor) else None)
         self.graph.nodes.append(node)
