@@ -1,4 +1,13 @@
-"""What every source provides, and how per-channel vectors become per-group vectors."""
+"""What every source provides, and how per-channel vectors become per-group vectors.
+
+Entries of one group combine by the source's ``combine`` mode: ``'amax'`` (element-wise
+max; BatchNorm gammas, group lasso) or ``'prob'`` (probabilistic gates: the probability
+that at least one entry is on, 1 - prod(1 - p)). Alive is the OR in both. A module class
+marks itself as a probabilistic gate with the class attribute ``gate_logits`` (the name of
+its per-channel logits, aligned with the channels it gates); a source that combines by
+max cannot share a group with such a gate, because the gate alone can switch the
+channels off and the cost would count them alive.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ class Source:
 
     elements: np.ndarray
     description: str = "source"
-    combine: str = "amax"  # how entries of one group combine: 'amax' (max / OR)
+    combine: str = "amax"  # how entries of one group combine: 'amax' (max / OR) or 'prob' (1 - prod(1 - p) / OR)
 
     def values(self) -> torch.Tensor:
         raise NotImplementedError
@@ -32,15 +41,31 @@ def _param(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), attr
 
 
+def probabilistic_gates(analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
+    """Gate module name -> elements of its logits, for every probabilistic gate the analysis mapped."""
+    gates = {}
+    for name, kind in analysis.graph.module_types.items():
+        attr = getattr(kind, "gate_logits", None)
+        state = f"{name}.{attr}" if name else attr
+        if attr and (state, 0) in analysis.alignments and state not in analysis.opaque_states:
+            gates[name] = analysis.alignments[(state, 0)]
+    return gates
+
+
 class SourceGrouping:
-    """Scatters source entries onto channel groups (element-wise max, alive = OR)."""
+    """Scatters source entries onto channel groups (max or 1 - prod(1 - p); alive = OR)."""
 
     def __init__(self, analysis: ChannelAnalysis, source: Source):
+        if source.combine not in ("amax", "prob"):
+            raise ValueError(f"source combine mode must be 'amax' or 'prob', got {source.combine!r}")
         self.num_groups = analysis.num_groups
+        self.combine = source.combine
         group = analysis.group_of[source.elements] if len(source.elements) else np.zeros(0, np.int64)
         has_source = np.zeros(analysis.num_groups, dtype=bool)
         has_source[group] = True
         regularized = has_source & ~analysis.fixed_group & ~analysis.blacklisted_group
+        if source.combine == "amax":
+            _check_no_gates(analysis, source, regularized)
         self.regularized = regularized
         self._np = {"group": group.astype(np.int64), "regularized": regularized}
         self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
@@ -58,5 +83,21 @@ class SourceGrouping:
         alive_g = torch.where(t["regularized"], alive_g, 1.0)
         if not with_reg:
             return alive_g, None
-        reg_g = z.scatter_reduce(0, t["group"], values.to(torch.float64), "amax", include_self=True)
+        if self.combine == "prob":  # P(some entry is on); scatter 'prod' has exact gradients at p = 1
+            off = torch.ones_like(z).scatter_reduce(0, t["group"], 1.0 - values.to(torch.float64), "prod",
+                                                    include_self=True)
+            reg_g = 1.0 - off
+        else:
+            reg_g = z.scatter_reduce(0, t["group"], values.to(torch.float64), "amax", include_self=True)
         return alive_g, reg_g * t["regularized"]
+
+
+def _check_no_gates(analysis: ChannelAnalysis, source: Source, regularized: np.ndarray) -> None:
+    """A max-combined source must not share a regularized group with a probabilistic gate."""
+    for name, ids in sorted(probabilistic_gates(analysis).items()):
+        if regularized[analysis.group_of[ids]].any():
+            raise ValueError(
+                f"the {source.description} source and the probabilistic gate '{name}' reach the same channel "
+                f"group: the gate can switch channels off that this regularizer counts as alive, and gate "
+                f"probabilities do not mix with its values. Use a LogisticSigmoid regularizer on a gated model, "
+                f"or fold the gates into the model first (morphnet.fold_gates / morphnet.remove_gates).")
