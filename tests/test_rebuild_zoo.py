@@ -31,7 +31,10 @@ ZOO = [
 
 def build(name, **kwargs):
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, num_classes=10, **kwargs)
+    model = torchvision.models.get_model(name, num_classes=10, **kwargs)
+    if name.startswith("vit"):  # torchvision zero-initializes the head: outputs would all be 0
+        torch.nn.init.normal_(model.heads.head.weight)
+    return model
 
 
 def kill_quarter(model, reg, source, seed=0):

@@ -57,33 +57,31 @@ def build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *,
         wide = [n for n, layer in s.table.layers.items() if layer.count(copies) > layer.width]
         raise ValueError(f"keep_weights=True needs every width at most the model's, but the structure widens "
                          f"{', '.join(repr(n) for n in wide[:5])}; use keep_weights=False for expanded structures")
-    slim = copy.deepcopy(model)
-    owners = _state_owners(slim)
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     by_state: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for (state, dim), ids in a.alignments.items():
-        by_state.setdefault(state, []).append((dim, ids))
-    names = {id(m): n for n, m in slim.named_modules()}
-    changed: set[str] = set()
+    for (name, dim), ids in a.alignments.items():
+        by_state.setdefault(name, []).append((dim, ids))
+    replaced: dict[int, torch.Tensor] = {}  # id of an original tensor -> its rebuilt version
     with torch.no_grad():
-        for state, dims in by_state.items():
+        for name, dims in by_state.items():
             indices = [(d, np.repeat(np.arange(len(ids)), copies[a.group_of[ids]])) for d, ids in sorted(dims)]
-            indices = [(d, i) for d, i in indices if not np.array_equal(i, np.arange(a.graph.state_shapes[state][d]))]
+            indices = [(d, i) for d, i in indices if not np.array_equal(i, np.arange(a.graph.state_shapes[name][d]))]
             if not indices:
                 continue
-            if state in a.opaque_states:
-                raise AssertionError(f"internal error: '{state}' is used in a way the analysis cannot map, "
+            if name in a.opaque_states:
+                raise AssertionError(f"internal error: '{name}' is used in a way the analysis cannot map, "
                                      f"yet the structure changes its channels")
-            places = owners.get(state)
-            if places is None:
-                raise ValueError(f"'{state}' is not a parameter or buffer of {type(model).__name__}")
-            module, attr, is_param = places[0]
-            t = getattr(module, attr)
+            if name not in state:
+                raise ValueError(f"'{name}' is not a parameter or buffer of {type(model).__name__}")
+            old = state[name]
+            t = old
             for d, i in indices:
                 t = t.index_select(d, torch.as_tensor(i, device=t.device))
-            new = nn.Parameter(t.clone(), requires_grad=getattr(module, attr).requires_grad) if is_param else t.clone()
-            for module, attr, is_param in places:
-                (module._parameters if is_param else module._buffers)[attr] = new
-                changed.add(names.get(id(module), ""))
+            replaced[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+    # deepcopy takes the rebuilt tensors from its memo: no copy of the old ones, tied tensors stay tied
+    slim = copy.deepcopy(model, memo=dict(replaced))
+    changed = {n for n, m in model.named_modules()
+               if any(id(t) in replaced for t in list(m._parameters.values()) + list(m._buffers.values()))}
     originals = dict(model.named_modules())
     unknown = []
     for name, module in slim.named_modules():
@@ -100,22 +98,6 @@ def build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *,
             init_fn(slim)
     check_runs(slim, model, example_inputs, unknown, same_outputs=s.regularizer is None)
     return slim
-
-
-def _state_owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
-    """State name -> every (module, attribute, is_parameter) holding that tensor (tied ones share)."""
-    places: dict[int, list] = {}
-    first: dict[str, int] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for kind, table in ((True, module._parameters), (False, module._buffers)):
-            for attr, t in table.items():
-                if t is None:
-                    continue
-                places.setdefault(id(t), [])
-                if all(m is not module or a != attr for m, a, _ in places[id(t)]):
-                    places[id(t)].append((module, attr, kind))
-                first[f"{mname}.{attr}" if mname else attr] = id(t)
-    return {name: places[key] for name, key in first.items()}
 
 
 def _width_from_data(name: str, a, copies: np.ndarray) -> int | None:

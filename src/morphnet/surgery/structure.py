@@ -25,10 +25,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
-from morphnet.capture import capture_graph
-from morphnet.channels import ChannelAnalysis, analyze_channels
+from morphnet.channels import ChannelAnalysis, analyze_model
 from morphnet.export import load_alive_counts
 from morphnet.regularizers import NetworkRegularizer
 
@@ -84,7 +84,7 @@ class Structure:
 
 def analyze(model: nn.Module, example_inputs) -> ChannelAnalysis:
     """The default channel analysis of ``model`` (what a regularizer with default options sees)."""
-    return analyze_channels(capture_graph(model, example_inputs), model=model)
+    return analyze_model(model, example_inputs)
 
 
 def resolve(model: nn.Module, structure, example_inputs) -> Structure:
@@ -120,11 +120,10 @@ def _from_regularizer(model: nn.Module, reg: NetworkRegularizer) -> Structure:
                              f"{a.graph.state_shapes[state]} there but {None if t is None else tuple(t.shape)} in "
                              f"{type(model).__name__}; pass the model the regularizer was built on")
     table = LayerTable(a)
-    copies = reg.alive_groups().cpu().numpy().astype(np.int64)
-    values = reg.source.values().detach()
-    _, reg_g = reg.grouping.group_vectors(values, reg.source.alive(values), with_reg=True)
-    listed = reg.alive_counts()
-    names = [n for n in table.layers if n in listed]
+    with torch.no_grad():
+        alive_g, reg_g = reg._group_vectors(reg.source.values(), with_reg=True)
+    copies = (alive_g > 0.5).cpu().numpy().astype(np.int64)
+    names = [n for n, layer in table.layers.items() if reg.grouping.regularized[layer.groups].any()]
     return Structure(a, table, copies, names, reg_g.detach().cpu().numpy(), reg)
 
 
