@@ -192,10 +192,8 @@ def _doubled(inputs: tuple) -> tuple:
 
 
 def _run_meta(model: nn.Module, inputs: tuple):
-    meta = {}
-    by_id: dict[int, torch.Tensor] = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        meta[n] = by_id.setdefault(id(t), torch.empty_like(t, device="meta"))
+    """One forward on meta stand-ins (no arithmetic); tied tensors are passed once, under their first name."""
+    meta = {n: torch.empty_like(t, device="meta") for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), _doubled(inputs))
     with torch.no_grad():
         return torch.func.functional_call(model, meta, inputs, strict=False)
