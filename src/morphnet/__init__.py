@@ -8,11 +8,15 @@ rebuild the slimmer network and retrain it.
 from morphnet.costs.hardware import Hardware, register_hardware
 from morphnet.errors import UnsupportedGraphError
 from morphnet.export import StructureExporter
+from morphnet.gates import LogisticSigmoidGate, add_gates, fold_gates, remove_gates
 from morphnet.monitoring import write_summaries
 from morphnet.regularizers import (
     GammaActivationRegularizer, GammaFlopsRegularizer, GammaLatencyRegularizer, GammaModelSizeRegularizer,
     GroupLassoActivationRegularizer, GroupLassoFlopsRegularizer, GroupLassoLatencyRegularizer,
     GroupLassoModelSizeRegularizer, NetworkRegularizer,
+)
+from morphnet.regularizers.logistic_sigmoid import (
+    LogisticSigmoidFlopsRegularizer, LogisticSigmoidLatencyRegularizer, LogisticSigmoidModelSizeRegularizer,
 )
 from morphnet.surgery import apply_structure, expand_structure, find_width_multiplier, load_slim, save_slim
 
@@ -23,6 +27,8 @@ __all__ = [
     "GammaFlopsRegularizer", "GroupLassoFlopsRegularizer", "GammaModelSizeRegularizer",
     "GroupLassoModelSizeRegularizer", "GammaLatencyRegularizer", "GroupLassoLatencyRegularizer",
     "GammaActivationRegularizer", "GroupLassoActivationRegularizer",
+    "LogisticSigmoidFlopsRegularizer", "LogisticSigmoidModelSizeRegularizer", "LogisticSigmoidLatencyRegularizer",
+    "LogisticSigmoidGate", "add_gates", "remove_gates", "fold_gates",
     "StructureExporter", "write_summaries", "register_hardware", "Hardware",
     "apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim",
 ]

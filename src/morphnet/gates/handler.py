@@ -1,0 +1,29 @@
+"""Channel-analysis handler of the gate: one node whose output channels are its input channels.
+
+A gate call is recorded as one leaf node (its sampling ops are not recorded). Its logits
+(and the noise buffer that goes with them) are aligned with the channels it gates, so
+rebuilding slices them with the layer, and ``morphnet.sources.probabilistic_gates`` finds
+the gate through that alignment. The gate moves no data at inference once folded into the
+layer before it, so it adds nothing to memory or latency costs.
+"""
+
+from __future__ import annotations
+
+from morphnet.channels.analysis import Chan, Walker
+from morphnet.channels.handlers import handles_module
+from morphnet.gates.gate import LogisticSigmoidGate
+
+
+@handles_module(LogisticSigmoidGate)
+def logistic_sigmoid_gate(w: Walker, node) -> None:
+    """gate(x): output channels are x's channels along the gate's channel dim; logits follow them."""
+    x = node.tensor_inputs()[0]
+    module = node.kwargs["module"]
+    dim = node.kwargs["attributes"].get("channel_dim", 1) % len(w.shape(x))
+    ids = w.need_chan(x, dim)  # fresh fixed ids when x carries no prunable channels there
+    prefix = f"{module}." if module else ""
+    for state in ("logits", "noise"):
+        if prefix + state in w.graph.state_shapes:
+            w.align(prefix + state, 0, ids)
+    w.module_out.setdefault(module, ids)
+    w.set_chan(node.outputs[0], Chan(dim, ids))

@@ -1,0 +1,66 @@
+"""LogisticSigmoid (FiGS) network regularizers: cost-weighted penalties on probabilistic gates.
+
+The source is every ``LogisticSigmoidGate`` of the model (insert them with
+``morphnet.add_gates``): its sampled mask (``regularize_on_mask=True``) or its probability
+sigmoid(logit) is the regularization vector; a channel is alive when the mask
+(``mask_as_alive_vector=True``) or the probability is >= ``alive_threshold``. Channels tied
+together combine as 1 - prod(1 - p), the probability that at least one of them is on.
+Costs, exporter and rebuild are those of every other regularizer; fold the gates away with
+``morphnet.fold_gates`` after rebuilding with ``keep_weights=True``.
+"""
+
+from __future__ import annotations
+
+from morphnet.gates.source import LogisticSigmoidSource
+from morphnet.regularizers.network import NetworkRegularizer
+
+
+class _LogisticSigmoid(NetworkRegularizer):
+    source_name = "LogisticSigmoid"
+
+    def __init__(self, model, example_inputs, *, regularize_on_mask: bool = True, alive_threshold: float = 0.1,
+                 mask_as_alive_vector: bool = True, **kw):
+        if not 0.0 <= alive_threshold <= 1.0:
+            raise ValueError(f"alive_threshold must be in [0, 1], got {alive_threshold}")
+        self.regularize_on_mask = regularize_on_mask
+        self.alive_threshold = alive_threshold
+        self.mask_as_alive_vector = mask_as_alive_vector
+        super().__init__(model, example_inputs, **kw)
+
+    def _make_source(self, model):
+        return LogisticSigmoidSource(model, self.analysis, alive_threshold=self.alive_threshold,
+                                     regularize_on_mask=self.regularize_on_mask,
+                                     mask_as_alive_vector=self.mask_as_alive_vector)
+
+    def _no_source_message(self) -> str:
+        return (super()._no_source_message() + " LogisticSigmoid regularizers penalize LogisticSigmoidGate modules: "
+                "insert them with morphnet.add_gates(model, example_inputs) before building the regularizer (and "
+                "before creating the optimizer, so that it trains the gates).")
+
+
+class LogisticSigmoidFlopsRegularizer(_LogisticSigmoid):
+    """Probabilistic gates weighted by FLOPs."""
+
+    def __init__(self, model, example_inputs, regularize_on_mask: bool = True, alive_threshold: float = 0.1,
+                 mask_as_alive_vector: bool = True, **kw):
+        super().__init__(model, example_inputs, regularize_on_mask=regularize_on_mask, alive_threshold=alive_threshold,
+                         mask_as_alive_vector=mask_as_alive_vector, resource="flops", **kw)
+
+
+class LogisticSigmoidModelSizeRegularizer(_LogisticSigmoid):
+    """Probabilistic gates weighted by weight count."""
+
+    def __init__(self, model, example_inputs, regularize_on_mask: bool = True, alive_threshold: float = 0.1,
+                 mask_as_alive_vector: bool = True, **kw):
+        super().__init__(model, example_inputs, regularize_on_mask=regularize_on_mask, alive_threshold=alive_threshold,
+                         mask_as_alive_vector=mask_as_alive_vector, resource="size", **kw)
+
+
+class LogisticSigmoidLatencyRegularizer(_LogisticSigmoid):
+    """Probabilistic gates weighted by roofline latency on ``hardware``."""
+
+    def __init__(self, model, example_inputs, hardware, batch_size: int = 1, regularize_on_mask: bool = True,
+                 alive_threshold: float = 0.1, mask_as_alive_vector: bool = True, **kw):
+        super().__init__(model, example_inputs, regularize_on_mask=regularize_on_mask, alive_threshold=alive_threshold,
+                         mask_as_alive_vector=mask_as_alive_vector, resource="latency", hardware=hardware,
+                         batch_size=batch_size, **kw)
