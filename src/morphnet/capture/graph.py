@@ -185,7 +185,9 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _fast_meta(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         if self.modules.leaf_depth:
             return out
         rec_args, rec_kwargs = pytree.tree_map_only(torch.Tensor, self.ref, (args, kwargs))
@@ -198,6 +200,35 @@ class _Recorder(TorchDispatchMode):
                 node.outputs.append(None)
         self.graph.nodes.append(node)
         return out
+
+
+_BATCH_NORMS = {
+    getattr(torch.ops.aten, name).default
+    for name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                 "_batch_norm_with_update", "_batch_norm_no_update")
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def _fast_meta(func, args, kwargs):
+    """Shapes of BatchNorm outputs on meta tensors without running its Python meta decomposition."""
+    if func not in _BATCH_NORMS or not isinstance(args[0], torch.Tensor) or args[0].device.type != "meta":
+        return None
+    x = args[0]
+    channels = x.shape[1] if x.dim() > 1 else x.shape[0]
+    stats = (x.new_empty(channels, dtype=torch.float32), x.new_empty(channels, dtype=torch.float32))
+    if func.__name__.startswith("_batch_norm"):
+        return (torch.empty_like(x), *stats, x.new_empty(0, dtype=torch.uint8))
+    return (torch.empty_like(x), *stats)
+
+
+class _FastMeta(TorchDispatchMode):
+    """Runs ops as usual, except BatchNorm on meta tensors (see ``_fast_meta``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _fast_meta(func, args, kwargs)
+        return func(*args, **kwargs) if out is None else out
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -264,7 +295,7 @@ def _modules_run_in_eval(model: nn.Module, inputs: tuple, state: dict | None) ->
     handle = nn.modules.module.register_module_forward_pre_hook(pre)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _FastMeta():
             _forward(model, inputs, state)
     finally:
         handle.remove()

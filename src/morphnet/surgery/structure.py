@@ -76,6 +76,7 @@ class Structure:
     names: list[str]  # the layers the structure lists, in graph order
     priority: np.ndarray  # per group; the highest is revived first when a layer would vanish
     regularizer: NetworkRegularizer | None = None
+    nonempty: list | None = None  # (module, groups) of channel dims that need a channel; built on first use
 
     def counts(self, copies: np.ndarray | None = None) -> dict[str, int]:
         copies = self.copies if copies is None else copies
@@ -214,17 +215,19 @@ def keep_nonempty(s: Structure, copies: np.ndarray, *, warn: bool = True) -> np.
     """
     a = s.analysis
     copies = copies.copy()
-    for module, ids in _nonempty_dims(a):
-        groups = np.unique(a.group_of[ids])
+    if s.nonempty is None:
+        s.nonempty = [(module, np.unique(a.group_of[ids])) for module, ids in _nonempty_dims(a)]
+    for module, groups in s.nonempty:
         if copies[groups].sum() > 0:
             continue
         g = groups[np.argmax(s.priority[groups])]
         copies[g] = 1
         if warn:
-            warnings.warn(f"apply_structure: every channel of '{module}' is pruned, but a {a.graph.module_types.get(module, nn.Module).__name__} "
-                          f"cannot have zero width in PyTorch; keeping {int((a.group_of[ids] == g).sum())} "
-                          f"channel(s), so it costs a little more than the structure predicts",
-                          stacklevel=3)
+            kind = a.graph.module_types.get(module, nn.Module).__name__
+            channels = int((a.group_of[a.module_out_ids.get(module, np.zeros(0, np.int64))] == g).sum()) or 1
+            warnings.warn(f"apply_structure: every channel of '{module}' is pruned, but a {kind} cannot have zero "
+                          f"width in PyTorch; keeping {channels} channel(s), so it costs a little more than the "
+                          f"structure predicts", stacklevel=3)
     return copies
 
 
