@@ -16,9 +16,11 @@ def test_target_at_most_one_is_a_fraction_of_the_seed_cost_else_absolute():
         resolve_target(0.0, 1000.0)
 
 
-def test_latest_candidate_within_tolerance_wins_else_the_closest():
-    cands = [Candidate(10, 100.0, {}), Candidate(20, 52.0, {}), Candidate(30, 49.0, {}), Candidate(40, 40.0, {})]
-    assert select_candidate(cands, 50.0, 0.05).step == 30
+def test_latest_candidate_closest_to_target_wins_else_the_closest():
+    cands = [Candidate(10, 100.0, {}), Candidate(20, 50.2, {}), Candidate(30, 49.0, {}), Candidate(40, 40.0, {})]
+    assert select_candidate(cands, 50.0, 0.05).step == 20  # within 1%
+    cands[1] = Candidate(20, 52.0, {})
+    assert select_candidate(cands, 50.0, 0.05).step == 30  # none within 1%, the latest within 5%
     assert select_candidate(cands, 70.0, 0.05).step == 20  # none within 5%: 52 is the closest in log ratio
     assert select_candidate([Candidate(1, 60.0, {}), Candidate(2, 60.0, {})], 50.0).step == 2
     with pytest.raises(ValueError, match="no structure"):

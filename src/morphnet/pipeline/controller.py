@@ -12,8 +12,8 @@ The law is proportional-integral on log(strength), driven by log(cost / referenc
 (the same gains serve FLOPs, weights or nanoseconds); the strong proportional part cuts the
 strength at once when the cost falls below the reference, the integral finds the strength that
 keeps channels dying at the reference's pace. The pipeline then keeps the latest recorded structure
-within tolerance of the target (else the closest) and can close the residual with a uniform width
-multiplier.
+within 1% of the target (else within tolerance, else the closest) and can close the residual with a
+uniform width multiplier.
 """
 
 from __future__ import annotations
@@ -71,13 +71,14 @@ class Candidate:
 
 
 def select_candidate(candidates: list[Candidate], target: float, tolerance: float = 0.05) -> Candidate:
-    """The latest candidate within ``tolerance`` of ``target`` (most trained), else the closest one
-    (the latest among equals)."""
+    """The latest candidate within a fifth of ``tolerance`` of ``target``, else the latest within
+    ``tolerance`` (later ones had more training), else the closest one (the latest among equals)."""
     if not candidates:
         raise ValueError("no structure was recorded; run at least one learning step")
-    within = [c for c in candidates if abs(c.cost / target - 1) <= tolerance]
-    if within:
-        return within[-1]
+    for band in (tolerance / 5, tolerance):
+        within = [c for c in candidates if abs(c.cost / target - 1) <= band]
+        if within:
+            return within[-1]
     return min(reversed(candidates), key=lambda c: abs(math.log(max(c.cost, 1e-12) / target)))
 
 
