@@ -158,3 +158,16 @@ def test_write_summaries_logs_loss_cost_and_alive_counts(tmp_path):
     with SummaryWriter(tmp_path) as real:
         morphnet.write_summaries(real, reg, 1)
     assert any(tmp_path.iterdir())
+
+
+def test_compute_cost_and_cost_table_agree_with_the_regularizers():
+    net = ConcatNet()
+    x = torch.randn(1, 3, 17, 19)
+    assert morphnet.compute_cost(net, x) == 474810 / 7 * 13 + 21318 / 11 * 23 + 1620 * 36 * 29 + 2 * 323 * 36 * 31 \
+        + 2 * 90 * 29 * 2 + 2 * 323 * 31 * 2
+    table = morphnet.cost_table(net, x, hardware="V100", batch_size=8)
+    rows = {r["name"]: r for r in table}
+    assert rows["conv3"]["flops"] == 1620 * 36 * 29 and rows["conv3"]["size"] == 9 * 36 * 29
+    assert rows["conv1"]["prunable"] and not rows["head3"]["prunable"]
+    latency = morphnet.compute_cost(net, x, "latency", "V100", batch_size=8)
+    assert sum(r["latency_ns"] for r in table) == pytest.approx(latency)
