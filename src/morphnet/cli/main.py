@@ -45,6 +45,8 @@ def _run_options(parser: argparse.ArgumentParser, out_help: str) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--out", default=None, help=out_help)
     group.add_argument("--device", default=None, help="auto (a GPU when available), cpu, cuda or cuda:N")
+    group.add_argument("--threads", type=_positive_int, default=None,
+                       help="CPU threads per process (default: PyTorch's choice; 1 is much faster on a busy machine)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; results only")
 
 

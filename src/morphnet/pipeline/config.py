@@ -40,6 +40,7 @@ class RunConfig:
     image_size: int | None = None
     out: str = "morphnet_run"
     device: str = "auto"
+    threads: int | None = None
     seed: int = 0
     quiet: bool = False
 

@@ -35,6 +35,8 @@ class Session:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.ctx: DistContext = distributed.setup(cfg.device)
         self.data: DataBundle = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
         self.out = Path(cfg.out)
