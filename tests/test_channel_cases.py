@@ -350,3 +350,31 @@ def test_instance_norm_passes_channels_through():
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"conv": 8}
     assert ("norm.weight", 0) in reg.analysis.alignments
     assert reg.get_cost().item() == counted_flops(net, x)
+
+
+def test_in_place_write_through_a_channel_slice_keeps_channels_fixed():
+    class SliceAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y[:, :4] += self.b(x)  # couples b's channels with half of a's, through a view
+            return self.head(y)
+
+    with pytest.raises(ValueError, match="nothing to regularize"):
+        morphnet.GroupLassoFlopsRegularizer(SliceAdd(), torch.randn(1, 3, 4, 4), threshold=0.0)
+
+
+def test_regularizer_decorator_transforms_group_vectors():
+    def double_penalty(alive, reg, factor):
+        return alive, reg * factor
+
+    net = TwoBranches()
+    x = torch.randn(1, 3, 4, 4)
+    plain = morphnet.GammaFlopsRegularizer(net, x, gamma_threshold=0.1)
+    decorated = morphnet.GammaFlopsRegularizer(net, x, gamma_threshold=0.1, regularizer_decorator=double_penalty,
+                                               decorator_parameters={"factor": 2.0})
+    assert decorated.get_regularization_term().item() == pytest.approx(2 * plain.get_regularization_term().item())
+    assert decorated.get_cost().item() == plain.get_cost().item()

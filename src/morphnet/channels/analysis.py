@@ -283,6 +283,7 @@ def analyze_channels(
             handle_unknown(w, node)
         else:
             handler(w, node)
+        _fix_writes_through_views(w, node)
     w.node = None
     if not prune_outputs:
         for v in graph.outputs:
@@ -308,6 +309,35 @@ def analyze_channels(
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
         blacklisted_group=blacklisted,
     )
+
+
+def _writes_first_arg(op) -> bool:
+    schema = getattr(op, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    info = schema.arguments[0].alias_info
+    return info is not None and info.is_write
+
+
+def _fix_writes_through_views(w: Walker, node: OpNode) -> None:
+    """An in-place op on a view also changes its base, which SSA values do not follow: keep both fixed."""
+    if not _writes_first_arg(node.op) or not node.args or not isinstance(node.args[0], ValueRef):
+        return
+    graph = w.graph
+    target = node.args[0].index
+    producer = graph.values[target].producer
+    chain = []
+    while producer is not None and getattr(graph.nodes[producer].op, "is_view", False):
+        chain.append(target)
+        inputs = graph.nodes[producer].tensor_inputs()
+        if not inputs:
+            break
+        target = inputs[0]
+        producer = graph.values[target].producer
+    if not chain:
+        return
+    for v in chain + [target] + node.tensor_inputs() + [o for o in node.outputs if o is not None]:
+        w.fix(v)
 
 
 def _force_groups(w: Walker, patterns) -> None:

@@ -25,6 +25,10 @@ class NetworkRegularizer:
     Subclasses choose the source (what is penalized) and the resource (what it costs).
     The analysis runs once, here; the term and the cost are then a fixed number of
     batched tensor ops that read the model's current parameters.
+
+    ``regularizer_decorator(alive, reg, **decorator_parameters) -> (alive, reg)`` may
+    transform the per-group alive (float, 1.0 = alive) and regularization vectors, for
+    example to rescale the penalty or to force groups alive.
     """
 
     source_name = ""
@@ -95,7 +99,7 @@ class NetworkRegularizer:
     # ---- internals ------------------------------------------------------------------------------
     def _group_vectors(self, values: torch.Tensor, with_reg: bool):
         alive = self.source.alive(values)
-        alive_g, reg_g = self.grouping.group_vectors(values, alive, with_reg)
+        alive_g, reg_g = self.grouping.group_vectors(values, alive, with_reg or self.decorator is not None)
         if self.decorator is not None:
             alive_g, reg_g = self.decorator(alive_g, reg_g, **self.decorator_parameters)
         return alive_g, reg_g
