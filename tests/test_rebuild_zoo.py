@@ -93,3 +93,26 @@ def test_dead_channels_rebuild_to_the_same_function_and_predicted_flops(name, si
     assert got.shape == want.shape
     assert ((got - want).norm() / want.norm()).item() < 1e-4
     assert got_flops == reg.get_cost().item() < counted_flops(model, x)
+
+
+@pytest.mark.parametrize("name,size", [("googlenet", 64), ("inception_v3", 299)])
+def test_pruned_models_with_auxiliary_heads_run_a_training_step(name, size):
+    model = build(name, aux_logits=True, init_weights=False)
+    x = torch.randn(1, 3, size, size)
+    reg = regularizer(model, x, "gamma")
+    kill_quarter(model, reg, "gamma")
+    counts = morphnet.expand_structure(model, reg, x, 0.5)  # half of the survivors: a cheap training step
+    slim = morphnet.apply_structure(model, counts, x).train()
+    aux = [n for n, _ in slim.named_modules() if n.startswith("aux") and n.count(".") == 0]
+    for head in aux:  # the training-only heads were narrowed with the rest
+        assert sum(p.numel() for p in slim.get_submodule(head).parameters()) < sum(
+            p.numel() for p in model.get_submodule(head).parameters())
+    opt = torch.optim.SGD(slim.parameters(), lr=0.01)
+    outputs = slim(torch.randn(2, 3, size, size))
+    assert len(outputs) == len(aux) + 1
+    loss = sum(torch.nn.functional.cross_entropy(o, torch.tensor([1, 2])) for o in outputs)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for h in aux
+               for p in slim.get_submodule(h).parameters())
+    opt.step()
+    assert slim.eval()(x).shape == (1, 10)

@@ -1,11 +1,12 @@
 """Uniform expansion of a structure, rounding, and the width multiplier that meets a cost target.
 
 Layers coupled by residual adds or depthwise convs share channel groups, so widths are
-scaled per *cluster* of coupled layers, never per layer: a cluster with n prunable
-channel groups gets ``round(factor * n)`` of them, rounded to the unit that makes every
-member's width a multiple of ``round_to`` (a grouped conv with 8 groups already comes
-in blocks of 8). A cluster that had channels keeps at least one unit; one that vanished
-stays at zero. Channels that cannot be pruned (model outputs, ...) keep their width and
+scaled per *atom*, never per layer: an atom is the set of channel groups held by the same
+listed layers (a residual stage; one branch of a concat read by a depthwise conv). An
+atom with n kept groups gets ``round(factor * n)`` of them, rounded to the unit that
+makes its part of every layer's width a multiple of ``round_to`` (a grouped conv with 8
+groups already comes in blocks of 8). An atom that had channels keeps at least one unit;
+one that vanished stays at zero. Channels that cannot be pruned (model outputs, ...) keep their width and
 are not rounded. Widths may exceed the seed's: ``apply_structure`` then builds fresh
 channels (expanded structures are for retraining from scratch).
 """
@@ -100,44 +101,40 @@ def _resolve_counts(model: nn.Module, structure, example_inputs) -> Structure:
 
 
 class _Expander:
-    """Clusters of coupled layers of a structure and their scaling."""
+    """Atoms of a structure (groups shared by the same listed layers) and their scaling.
+
+    Every listed layer's channels are a union of atoms: a residual stage is one atom, a
+    depthwise conv after a concat holds one atom per concatenated branch. Scaling and
+    rounding atoms keeps every coupled layer consistent and every width a sum of rounded
+    parts.
+    """
 
     def __init__(self, s: Structure, round_to: int | None):
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
         self.s = s
-        layers = [s.table.layers[n] for n in s.names]
-        parent = list(range(len(layers)))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        seen: dict[int, int] = {}
-        for i, layer in enumerate(layers):
-            for g in layer.groups[~layer.fixed]:
-                j = seen.setdefault(int(g), i)
-                parent[find(i)] = find(j)
-        members: dict[int, list[int]] = {}
-        for i in range(len(layers)):
-            members.setdefault(find(i), []).append(i)
-        self.clusters = []  # (groups in order, unit in groups)
-        for idx in members.values():
-            groups = list(dict.fromkeys(int(g) for i in idx for g in layers[i].groups[~layers[i].fixed]))
+        members: dict[int, list[int]] = {}  # group -> listed layers holding it
+        mults: dict[tuple[int, int], int] = {}
+        for i, name in enumerate(s.names):
+            layer = s.table.layers[name]
+            for g, m in zip(layer.groups[~layer.fixed], layer.mult[~layer.fixed]):
+                members.setdefault(int(g), []).append(i)
+                mults[int(g), i] = int(m)
+        atoms: dict[tuple[int, ...], list[int]] = {}
+        for g, layers in members.items():
+            atoms.setdefault(tuple(layers), []).append(g)
+        self.atoms = []  # (groups in order, unit in groups)
+        for layers, groups in atoms.items():
             unit = 1
             if round_to:
-                for i in idx:
-                    free = layers[i].mult[~layers[i].fixed]
-                    if len(free):
-                        step = int(np.gcd.reduce(free))
-                        unit = math.lcm(unit, round_to // math.gcd(round_to, step))
-            self.clusters.append((np.array(groups, np.int64), unit))
+                for i in layers:
+                    step = int(np.gcd.reduce([mults[g, i] for g in groups]))
+                    unit = math.lcm(unit, round_to // math.gcd(round_to, step))
+            self.atoms.append((np.array(groups, np.int64), unit))
 
     def copies(self, factor: float) -> np.ndarray:
         copies = self.s.copies.copy()
-        for groups, unit in self.clusters:
+        for groups, unit in self.atoms:
             n = int(copies[groups].sum())
             if n == 0:
                 continue
