@@ -1,6 +1,5 @@
 """The ``morphnet`` command: argument errors, and every subcommand end to end on the default."""
 
-import json
 import os
 import subprocess
 import sys

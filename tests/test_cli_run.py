@@ -2,7 +2,6 @@
 default, shortened by flags so the suite stays fast on 2 CPU cores."""
 
 import json
-from pathlib import Path
 
 import pytest
 

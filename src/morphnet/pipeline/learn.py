@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
+import morphnet
 from morphnet.data import DataBundle
 from morphnet.pipeline import files
 from morphnet.pipeline.config import RunConfig
@@ -49,8 +49,6 @@ def learn_structure(
     """Run structure learning on ``model`` (on ``ctx.device``; trained in place) and return the
     chosen structure: the last step's, or in target-cost mode the latest one that lands within
     tolerance of the target (else the closest)."""
-    import morphnet
-
     start = time.perf_counter()
     out = Path(cfg.out)
     example = data.example_inputs(1).to(ctx.device)

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+import morphnet
 from morphnet.pipeline import files
 
 # Resources that ``morphnet.find_width_multiplier`` can aim at.
@@ -41,8 +42,6 @@ def rebuild(
     """A freshly initialized slim copy of ``seed`` with ``counts`` widths. With ``budget`` (an
     absolute cost in ``resource`` units), every width is first scaled by the one multiplier that
     spends it (MorphNet's uniform expansion); ``round_to`` rounds widths to a multiple."""
-    import morphnet
-
     multiplier = None
     if budget is not None:
         if resource not in EXPANDABLE:

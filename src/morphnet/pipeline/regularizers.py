@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+import morphnet
+
 RegularizerFactory = Callable[[nn.Module, Any, "float | None", "str | None"], Any]
 _REGISTRY: dict[str, dict[str, RegularizerFactory]] = {}
 
@@ -47,11 +49,9 @@ def make_regularizer(
 
 
 def _core(class_name: str, threshold_arg: str, default_threshold: float) -> RegularizerFactory:
-    """A factory for one of morphnet's own regularizer classes (imported when first used)."""
+    """A factory for one of morphnet's own regularizer classes."""
 
     def build(model: nn.Module, example_inputs: Any, threshold: float | None, hardware: str | None):
-        import morphnet
-
         kwargs = {threshold_arg: default_threshold if threshold is None else threshold}
         if "Latency" in class_name:
             kwargs["hardware"] = hardware

@@ -14,15 +14,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+import morphnet
 from morphnet.data import DataBundle, load_data
 from morphnet.pipeline import distributed, files
 from morphnet.pipeline.config import RunConfig
-from morphnet.pipeline.costs import cost_table, model_cost
+from morphnet.pipeline.controller import resolve_target
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import LearnResult, learn_structure
-from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, rebuild
+from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, load_structure, rebuild
 from morphnet.pipeline.regularizers import UNITS
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
+from morphnet.reporting import format_summary, format_widths, write_report
 from morphnet.seeds import create_seed
 
 #: In target-cost mode a learned structure further than this from the target is corrected with a
@@ -83,8 +85,8 @@ class Session:
 def _measure(model: nn.Module, example: torch.Tensor, resource: str, hardware: str | None) -> dict[str, Any]:
     """FLOPs (MorphNet's count and FlopCounterMode's), parameters and cost in ``resource`` units."""
     model = model.cpu()
-    flops = model_cost(model, example, "flops")
-    cost = flops if resource == "flops" else model_cost(model, example, resource, hardware)
+    flops = morphnet.compute_cost(model, example, resource="flops")
+    cost = flops if resource == "flops" else morphnet.compute_cost(model, example, resource=resource, hardware=hardware)
     return {"flops": float(flops), "flops_counted": count_flops(model, example), "params": count_params(model), "cost": float(cost)}
 
 
@@ -128,8 +130,6 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
                   seed_cost: float, target_cost: float | None) -> tuple[Rebuilt, float]:
     """Rebuild with ``counts``; expand to ``--expand-to`` or, in target-cost mode, trim the
     residual to the target. Returns the slim model and its predicted cost."""
-    from morphnet.pipeline.controller import resolve_target
-
     cfg = session.cfg
     budget = resolve_target(cfg.expand_to, seed_cost) if cfg.expand_to is not None else None
     trim = (budget is None and target_cost is not None and learned_cost is not None and cfg.target in EXPANDABLE
@@ -153,7 +153,8 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
     if budget is None and not cfg.round_to and learned_cost is not None:
         predicted = learned_cost
     else:
-        predicted = model_cost(rebuilt.model, session.example, cfg.target, cfg.hardware)
+        predicted = float(morphnet.compute_cost(rebuilt.model, session.example, resource=cfg.target,
+                                                hardware=cfg.hardware))
     if rebuilt.width_multiplier is not None:
         session.log(f"uniform width multiplier {rebuilt.width_multiplier:.4f} to reach {budget:.4g} {UNITS[cfg.target]}")
     return rebuilt, predicted
@@ -185,8 +186,6 @@ def retrain_stage(session: Session, model: nn.Module, name: str, history: dict) 
 
 def finish(session: Session, summary: dict, history: dict) -> dict:
     """Write summary.json, history.json, plots and report.html (rank 0); print the summary."""
-    from morphnet.reporting import format_summary, write_report
-
     if session.ctx.is_main:
         files.write_json(session.out / files.SUMMARY, summary)
         files.write_json(session.out / files.HISTORY, history)
@@ -218,8 +217,6 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         slim = rebuilt.model
         summary["slim"]["accuracy"], summary["seconds"]["retrain_slim"] = retrain_stage(session, slim, "retrain_slim", history)
         if session.ctx.is_main:
-            import morphnet
-
             morphnet.save_slim(session.out / files.SLIM, slim.cpu(), rebuilt.counts)
         summary["seed"]["accuracy"] = None
         if cfg.baseline:
@@ -250,9 +247,6 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
     """``morphnet rebuild``: build the slim network from a structure file (default: the latest in
     ``cfg.out``), optionally expanded to ``cfg.expand_to``; save it, and with ``retrain`` train it
     from scratch and evaluate it."""
-    from morphnet.pipeline.rebuild import load_structure
-    from morphnet.reporting import format_widths
-
     if structure is None:
         structure = files.latest_structure(Path(cfg.out))
         if structure is None:
@@ -276,10 +270,8 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         if retrain:
             summary["slim"]["accuracy"], _ = retrain_stage(session, rebuilt.model, "retrain_slim", {})
         if session.ctx.is_main:
-            import morphnet
-
             morphnet.save_slim(session.out / files.SLIM, rebuilt.model.cpu(), rebuilt.counts)
-            channels = {row["name"]: row["channels"] for row in cost_table(seed, session.example)}
+            channels = {row["name"]: row["channels"] for row in morphnet.cost_table(seed, session.example)}
             seed_widths = {name: channels[name] for name in rebuilt.counts}
             print(format_widths(seed_widths, rebuilt.counts), flush=True)
             print(f"seed {seed_stats['flops']:.4g} FLOPs, {seed_stats['params']} params -> slim "
@@ -294,14 +286,10 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
 
 def cost_only(cfg: RunConfig, structure: str | Path | None = None) -> list[dict]:
     """``morphnet cost``: the per-layer table of the seed, or of the slim network for ``structure``."""
-    from morphnet.pipeline.rebuild import load_structure
-
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
     model = create_seed(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[0])
     example = data.example_inputs(1)
     if structure is not None:
-        import morphnet
-
         model = morphnet.apply_structure(model, load_structure(structure), example)
-    return cost_table(model, example, cfg.hardware)
+    return morphnet.cost_table(model, example, **({"hardware": cfg.hardware} if cfg.hardware else {}))
