@@ -213,6 +213,12 @@ def test_folding_keeps_the_eval_function_and_removes_the_gates(net, shape):
     assert len(scales) == (1 if net is NoAffine else 0)  # BatchNorm without affine keeps a fixed scale
 
 
+def test_gates_take_the_dtype_of_their_host_even_without_parameters():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model = morphnet.add_gates(NoAffine().double(), x)
+    assert model.bn.gate.logits.dtype == torch.float64 and model(x).dtype == torch.float64
+
+
 def test_a_folded_fixed_scale_is_still_mapped_by_the_analysis():
     x = torch.randn(2, 3, 8, 8)
     model = morphnet.fold_gates(morphnet.add_gates(NoAffine(), x))

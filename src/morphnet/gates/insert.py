@@ -24,6 +24,7 @@ gate; a gate whose host has no such parameters becomes a fixed ``ChannelScale``.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Callable, Sequence
 
@@ -154,9 +155,9 @@ def add_gates(model: nn.Module, example_inputs, where: Sequence[str] | Callable[
             raise ValueError(f"add_gates: module '{name}' ({type(host).__name__}) already has an attribute "
                              f"'{GATE_ATTRIBUTE}'; exclude it with where=...")
         gate = LogisticSigmoidGate(channels, channel_dim=dim, **gate_options)
-        state = next(iter(host.parameters()), None)
-        if state is not None:
-            gate.to(device=state.device, dtype=state.dtype)
+        like = next((t for t in itertools.chain(host.parameters(), host.buffers()) if t.is_floating_point()), None)
+        if like is not None:
+            gate.to(device=like.device, dtype=like.dtype)
         host.add_module(GATE_ATTRIBUTE, gate)
         host.register_forward_hook(_apply_gate)
     return model
