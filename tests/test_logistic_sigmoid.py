@@ -211,3 +211,15 @@ def test_rebuild_after_gated_learning_is_exact(name, make):
         got = slim.eval()(x)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert counted_flops(slim, x) == reg.get_cost().item() < counted_flops(model, x)
+
+
+def test_cli_registry_builds_gates_and_the_regularizer():
+    from morphnet.pipeline.regularizers import make_regularizer, regularizer_names
+
+    assert "logistic-sigmoid" in regularizer_names()
+    model = ConcatNet()
+    reg = make_regularizer("logistic-sigmoid", "flops", model, X_CONCAT)
+    assert isinstance(reg, morphnet.LogisticSigmoidFlopsRegularizer) and reg.source.threshold == 0.1
+    assert sorted(gated_modules(model)) == ["bn1.gate", "bn2.gate", "bn3.gate", "bn4.gate"]
+    again = make_regularizer("logistic-sigmoid", "latency", model, X_CONCAT, threshold=0.3, hardware="T4")
+    assert len(gated_modules(model)) == 4 and again.source.threshold == 0.3  # gates are inserted once

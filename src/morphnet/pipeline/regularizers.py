@@ -63,3 +63,19 @@ def _core(class_name: str, threshold_arg: str, default_threshold: float) -> Regu
 for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency"), ("activation", "Activation")]:
     register_regularizer("gamma", _target, _core(f"Gamma{_suffix}Regularizer", "gamma_threshold", 1e-2))
     register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", 1e-2))
+
+
+def _gated(class_name: str) -> RegularizerFactory:
+    """A LogisticSigmoid (FiGS) factory: inserts gates into ``model`` (in place) unless it has some."""
+    core = _core(class_name, "alive_threshold", 0.1)
+
+    def build(model: nn.Module, example_inputs: Any, threshold: float | None, hardware: str | None):
+        if not morphnet.gates.gated_modules(model):
+            morphnet.add_gates(model, example_inputs)
+        return core(model, example_inputs, threshold, hardware)
+
+    return build
+
+
+for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency")]:
+    register_regularizer("logistic-sigmoid", _target, _gated(f"LogisticSigmoid{_suffix}Regularizer"))
