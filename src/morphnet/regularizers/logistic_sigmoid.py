@@ -5,8 +5,17 @@ The source is every ``LogisticSigmoidGate`` of the model (insert them with
 sigmoid(logit) is the regularization vector; a channel is alive when the mask
 (``mask_as_alive_vector=True``) or the probability is >= ``alive_threshold``. Channels tied
 together combine as 1 - prod(1 - p), the probability that at least one of them is on.
-Costs, exporter and rebuild are those of every other regularizer; fold the gates away with
-``morphnet.fold_gates`` after rebuilding with ``keep_weights=True``.
+Costs, exporter and rebuild are those of every other regularizer::
+
+    morphnet.add_gates(model, x)                      # before creating the optimizer
+    reg = morphnet.LogisticSigmoidFlopsRegularizer(model, x)
+    ...                                               # loss + strength * reg.get_regularization_term()
+    model.eval()                                      # alive = the gates' inference masks
+    same = morphnet.fold_gates(morphnet.apply_structure(model, reg, x, keep_weights=True))
+    fresh = morphnet.apply_structure(morphnet.remove_gates(model), counts, x)   # to retrain from scratch
+
+In training mode the alive channels follow the masks sampled in the last forward pass (as
+in the original), so exported counts fluctuate where gates are undecided.
 """
 
 from __future__ import annotations
