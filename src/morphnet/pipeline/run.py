@@ -273,7 +273,8 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
             morphnet.save_slim(session.out / files.SLIM, rebuilt.model.cpu(), rebuilt.counts)
             channels = {row["name"]: row["channels"] for row in morphnet.cost_table(seed, session.example)}
             seed_widths = {name: channels[name] for name in rebuilt.counts}
-            print(format_widths(seed_widths, rebuilt.counts), flush=True)
+            expanded = rebuilt.counts if rebuilt.counts != counts else None
+            print(format_widths(seed_widths, counts, expanded), flush=True)
             print(f"seed {seed_stats['flops']:.4g} FLOPs, {seed_stats['params']} params -> slim "
                   f"{slim_stats['flops']:.4g} FLOPs (counted {slim_stats['flops_counted']}), "
                   f"{slim_stats['params']} params; saved to {session.out / files.SLIM}", flush=True)
