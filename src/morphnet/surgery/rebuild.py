@@ -43,13 +43,17 @@ def apply_structure(model: nn.Module, structure, example_inputs, *, keep_weights
     A layer reduced to zero channels: a linear layer may vanish (its consumer then sees
     only its bias); convolutions and normalization layers keep one channel group, with a
     warning, because PyTorch cannot run them with zero width.
+
+    Counts are read against the default analysis, where the model's outputs keep their
+    width; a structure learned with ``prune_outputs=True`` or boundaries should be passed
+    as the regularizer itself.
     """
     s = resolve(model, structure, example_inputs)
     copies = keep_nonempty(s, s.copies)
-    return build(model, s, copies, example_inputs, keep_weights=keep_weights, init_fn=init_fn)
+    return _build(model, s, copies, example_inputs, keep_weights=keep_weights, init_fn=init_fn)
 
 
-def build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *, keep_weights: bool = False,
+def _build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *, keep_weights: bool = False,
           init_fn: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """The copy of ``model`` with ``copies[g]`` instances of every channel group ``g``."""
     a = s.analysis
@@ -96,7 +100,7 @@ def build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *,
                     reset()
         if init_fn is not None:
             init_fn(slim)
-    check_runs(slim, model, example_inputs, unknown, same_outputs=s.regularizer is None)
+    _check_runs(slim, model, example_inputs, unknown, same_outputs=s.regularizer is None)
     return slim
 
 
@@ -150,7 +154,7 @@ def _update_attributes(module: nn.Module, original: nn.Module, name: str, a, cop
     return True
 
 
-def check_runs(slim: nn.Module, model: nn.Module, example_inputs, unknown: list[str], same_outputs: bool) -> None:
+def _check_runs(slim: nn.Module, model: nn.Module, example_inputs, unknown: list[str], same_outputs: bool) -> None:
     """Run ``slim`` in training and eval mode (on meta tensors when possible); clear error if it fails.
 
     With ``same_outputs`` its outputs must have the model's shapes (they do unless a

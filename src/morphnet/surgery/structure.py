@@ -83,11 +83,6 @@ class Structure:
         return {n: self.table.layers[n].count(copies) for n in sorted(self.names)}
 
 
-def analyze(model: nn.Module, example_inputs) -> ChannelAnalysis:
-    """The default channel analysis of ``model`` (what a regularizer with default options sees)."""
-    return analyze_model(model, example_inputs)
-
-
 def resolve(model: nn.Module, structure, example_inputs) -> Structure:
     """Turn a counts dict, a path to an exporter JSON file or a network regularizer into copies."""
     if isinstance(structure, NetworkRegularizer):
@@ -100,7 +95,7 @@ def resolve(model: nn.Module, structure, example_inputs) -> Structure:
     else:
         raise TypeError(f"structure must be a dict of alive counts, a path to an exporter JSON file or a network "
                         f"regularizer, got {type(structure).__name__}")
-    analysis = analyze(model, example_inputs)
+    analysis = analyze_model(model, example_inputs)  # the default analysis, as a regularizer's
     table = LayerTable(analysis)
     _check_names(model, table, counts, source)
     names = [n for n in table.layers if n in counts]
@@ -148,10 +143,10 @@ def _check_names(model: nn.Module, table: LayerTable, counts: dict, source: str)
         raise ValueError(f"{source}: '{name}' is not a module of {type(model).__name__}{hint}")
 
 
-def copies_for_counts(table: LayerTable, counts: dict[str, int], names: list[str], source: str = "structure",
-                      base: np.ndarray | None = None) -> np.ndarray:
+def copies_for_counts(table: LayerTable, counts: dict[str, int], names: list[str],
+                      source: str = "structure") -> np.ndarray:
     """Copies per group that give every layer in ``names`` its count (see the module docstring)."""
-    copies = np.ones(table.analysis.num_groups, np.int64) if base is None else base.copy()
+    copies = np.ones(table.analysis.num_groups, np.int64)
     owner: dict[int, str] = {}
     for name in names:
         layer = table.layers[name]
@@ -167,6 +162,10 @@ def copies_for_counts(table: LayerTable, counts: dict[str, int], names: list[str
         free = ~decided & ~layer.fixed
         taken = fixed + int((layer.mult[decided & ~layer.fixed] * copies[layer.groups[decided & ~layer.fixed]]).sum())
         need = k - taken
+        if need != 0 and not decided.any() and not free.any():
+            raise ValueError(f"{source}: '{name}' asks for {k} channels, but none of its {layer.width} output "
+                             f"channels can be pruned or widened (they are model outputs or cross an op whose "
+                             f"channels stay fixed); leave it out of the structure")
         if need < 0 or (need > 0 and not free.any()):
             others = sorted({owner[g] for g in layer.groups[decided]})
             raise ValueError(f"{source}: '{name}' asks for {k} channels, but its channels are coupled with "
