@@ -379,3 +379,9 @@ def test_regularizer_decorator_transforms_group_vectors():
                                                decorator_parameters={"factor": 2.0})
     assert decorated.get_regularization_term().item() == pytest.approx(2 * plain.get_regularization_term().item())
     assert decorated.get_cost().item() == plain.get_cost().item()
+
+
+def test_in_place_activation_on_a_token_linear_output_stays_prunable():
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Linear(12, 3))
+    reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(2, 5, 6), threshold=0.0)
+    assert morphnet.StructureExporter(reg).get_alive_counts() == {"0": 12}

@@ -153,6 +153,7 @@ class Walker:
         self.data_ops: list[DataOp] = []
         self.module_out: dict[str, np.ndarray] = {}
         self.node: OpNode | None = None
+        self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
             if v.state_name is not None:
                 self.state_views[v.index] = StateView(v.state_name, tuple(range(len(v.shape))))
@@ -177,6 +178,15 @@ class Walker:
     def per_example(self, v: int) -> float:
         shape = self.shape(v)
         return float(np.prod(shape, dtype=np.float64)) / self.graph.batch_size
+
+    def consumers(self, v: int) -> list[int]:
+        """Indices of the nodes that read value ``v``."""
+        if self._consumers is None:
+            self._consumers = {}
+            for node in self.graph.nodes:
+                for u in node.tensor_inputs():
+                    self._consumers.setdefault(u, []).append(node.index)
+        return self._consumers.get(v, [])
 
     # ---- writing -------------------------------------------------------------
     def set_chan(self, v: int | None, chan: Chan | None) -> None:
@@ -320,23 +330,26 @@ def _writes_first_arg(op) -> bool:
 
 
 def _fix_writes_through_views(w: Walker, node: OpNode) -> None:
-    """An in-place op on a view also changes its base, which SSA values do not follow: keep both fixed."""
+    """An in-place op on a view also changes its base, which SSA values do not follow.
+
+    When the base (or a view between) is read again later, the channels involved stay fixed.
+    """
     if not _writes_first_arg(node.op) or not node.args or not isinstance(node.args[0], ValueRef):
         return
     graph = w.graph
     target = node.args[0].index
     producer = graph.values[target].producer
-    chain = []
+    chain = [target]
     while producer is not None and getattr(graph.nodes[producer].op, "is_view", False):
-        chain.append(target)
         inputs = graph.nodes[producer].tensor_inputs()
         if not inputs:
             break
         target = inputs[0]
+        chain.append(target)
         producer = graph.values[target].producer
-    if not chain:
+    if len(chain) == 1 or not any(u > node.index for v in chain[1:] for u in w.consumers(v)):
         return
-    for v in chain + [target] + node.tensor_inputs() + [o for o in node.outputs if o is not None]:
+    for v in chain + node.tensor_inputs() + [o for o in node.outputs if o is not None]:
         w.fix(v)
 
 

@@ -1,0 +1,186 @@
+"""Layers: convolutions, linear layers (products with a parameter), and opaque products."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from morphnet.channels.analysis import (
+    Chan,
+    LayerCall,
+    StateView,
+    Walker,
+    WeightInfo,
+    bind,
+    vid,
+)
+from morphnet.channels.handlers.registry import (
+    _io,
+    _ops,
+    _owner,
+    _record_data,
+    aten,
+    handles,
+)
+
+
+def _identity_view(sv: StateView | None, rank: int) -> bool:
+    return sv is not None and sv.dims == tuple(range(rank))
+
+
+@handles(aten.convolution, *_ops("_convolution", "convolution_overrideable"))
+def convolution(w: Walker, node) -> None:
+    """Conv / transposed conv of any rank, groups, stride, dilation and padding."""
+    b = bind(node)
+    x, wt, bias, out = vid(b["input"]), vid(b["weight"]), vid(b.get("bias")), node.outputs[0]
+    transposed, g = bool(b["transposed"]), int(b["groups"])
+    wshape = w.shape(wt)
+    sv = w.state_view(wt)
+    in_ch, out_ch = w.shape(x)[1], w.shape(out)[1]
+    kernel = int(np.prod(wshape[2:], dtype=np.int64))
+    in_ids = w.need_chan(x, 1)
+    depthwise = g > 1 and g == in_ch
+    if not _identity_view(sv, len(wshape)):  # a computed weight (weight norm, standardization)
+        w.fix(x)
+        w.make_opaque(wt)
+        out_ids = w.elements.new(out_ch, fixed=True)
+        weight_name = None
+    else:
+        weight_name = sv.name
+        if depthwise:
+            mult = out_ch // in_ch
+            if transposed:
+                w.align(weight_name, 0, in_ids)
+                if mult == 1:
+                    out_ids = in_ids
+                else:
+                    out_ids = w.elements.new(out_ch, fixed=True)
+                    w.elements.fix(in_ids)
+            else:
+                out_ids = w.slot(weight_name, 0)
+                w.elements.union(np.repeat(in_ids, mult), out_ids)
+        elif not transposed:
+            out_ids = w.slot(weight_name, 0)
+            per_in = w.slot(weight_name, 1)
+            w.elements.union(in_ids, np.tile(per_in, g))
+            if g > 1:  # keep every group equally wide: position j is pruned in all groups at once
+                per_out = out_ch // g
+                w.elements.union(out_ids, np.tile(out_ids[:per_out], g))
+        else:
+            w.elements.union(in_ids, w.slot(weight_name, 0))
+            if g > 1:
+                per_in = in_ch // g
+                w.elements.union(in_ids, np.tile(in_ids[:per_in], g))
+            out_ids = np.tile(w.slot(weight_name, 1), g)
+        owner = _owner(weight_name)
+        out_dim = 1 if transposed and not depthwise else 0
+        if weight_name not in w.weights:
+            w.weights[weight_name] = WeightInfo(owner, weight_name, out_dim, out_ids, in_ids, kernel, g, depthwise)
+        w.module_out.setdefault(owner, out_ids)
+    if bias is not None:
+        bsv = w.state_view(bias)
+        if bsv is not None and bsv.dims[0] is not None:
+            w.align(bsv.name, bsv.dims[0], out_ids)
+        else:
+            w.elements.fix(out_ids)
+            w.make_opaque(bias)
+    w.set_chan(out, Chan(1, out_ids))
+    spatial_shape = (w.shape(x) if transposed else w.shape(out))[2:]
+    area = float(np.prod(spatial_shape, dtype=np.float64))
+    n = w.graph.batch_size
+    w.layer_calls.append(LayerCall(
+        module=_owner(weight_name) if weight_name else node.module, weight=weight_name or "",
+        kind="conv", in_ids=in_ids, out_ids=out_ids, groups=g, depthwise=depthwise,
+        flop_coef=2.0 * area * kernel * w.shape(x)[0] / n, kernel=kernel,
+        in_numel=w.per_example(x) / in_ch, out_numel=w.per_example(out) / out_ch, node=node.index))
+
+
+def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight_first: bool) -> None:
+    """``x @ W`` (or ``W @ x`` when ``weight_first``) with W a view of a 2-D parameter.
+
+    W may carry broadcast batch dims (an expanded weight in a batched matmul); x is
+    [..., M, K] (or [..., K, N]). Tokens (all of x's other dims) multiply the FLOPs.
+    """
+    sv = w.state_view(wt)
+    rank = len(w.shape(x))
+    c_in_dim, c_out_dim = (len(sv.dims) - 1, len(sv.dims) - 2) if weight_first else (len(sv.dims) - 2,
+                                                                                     len(sv.dims) - 1)
+    in_state, out_state = sv.dims[c_in_dim], sv.dims[c_out_dim]
+    slot_in, slot_out = w.slot(sv.name, in_state), w.slot(sv.name, out_state)
+    x_contract = rank - 2 if weight_first else rank - 1
+    out_dim = rank - 2 if weight_first else rank - 1
+    c = w.chan(x)
+    if c is not None and c.dim == x_contract:
+        w.elements.union(slot_in, c.ids)
+        out_chan = Chan(out_dim, slot_out)
+    elif c is not None:  # channels ride along another dim; this layer's own widths stay fixed
+        w.elements.fix(slot_in)
+        w.elements.fix(slot_out)
+        out_chan = Chan(c.dim, c.ids)
+    else:
+        w.elements.fix(slot_in)
+        out_chan = Chan(out_dim, slot_out)
+    if bias is not None:
+        bsv = w.state_view(bias)
+        bshape = w.shape(bias)
+        if bsv is not None and bshape and bshape[-1] == len(slot_out) and bsv.dims[-1] is not None:
+            w.align(bsv.name, bsv.dims[-1], slot_out)
+        elif bshape and bshape[-1] != 1:
+            w.elements.fix(slot_out)
+            w.make_opaque(bias)
+    w.set_chan(out, out_chan)
+    owner = _owner(sv.name)
+    if sv.name not in w.weights:
+        w.weights[sv.name] = WeightInfo(owner, sv.name, out_state, slot_out, slot_in, 1, 1, False)
+    w.module_out.setdefault(owner, slot_out)
+    tokens = w.per_example(x) / w.shape(x)[x_contract]
+    w.layer_calls.append(LayerCall(
+        module=owner, weight=sv.name, kind="linear", in_ids=slot_in, out_ids=slot_out, groups=1,
+        depthwise=False, flop_coef=2.0 * tokens, kernel=1, in_numel=tokens, out_numel=tokens, node=node.index))
+
+
+def _weight_view(w: Walker, v: int, rank: int) -> bool:
+    """A view of a 2-D parameter with its two dims last (batch dims broadcast): a linear weight."""
+    sv = w.state_view(v)
+    return (sv is not None and sv.name in w.graph.parameters and len(sv.dims) == rank and rank >= 2
+            and sv.dims[-1] is not None and sv.dims[-2] is not None and all(d is None for d in sv.dims[:-2])
+            and len(w.graph.state_shapes[sv.name]) == 2)
+
+
+def _not_weight(w: Walker, v: int) -> bool:
+    sv = w.state_view(v)
+    return sv is None or sv.name not in w.graph.parameters
+
+
+@handles(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_ops("matmul", "linear"))
+def matmul(w: Walker, node) -> None:
+    """A product with a parameter matrix is a linear layer; between activations it is opaque."""
+    b = bind(node)
+    if "mat1" in b or "batch1" in b:
+        a, m = vid(b.get("mat1", b.get("batch1"))), vid(b.get("mat2", b.get("batch2")))
+        bias = vid(b["self"])
+    else:
+        a, m, bias = vid(b.get("self", b.get("input"))), vid(b.get("mat2", b.get("weight"))), None
+    out = node.outputs[0]
+    ra, rm = len(w.shape(a)), len(w.shape(m))
+    if ra == rm:
+        if _weight_view(w, m, rm) and _not_weight(w, a):
+            _linear(w, node, a, m, bias, out, weight_first=False)
+            return
+        if _weight_view(w, a, ra) and _not_weight(w, m):
+            _linear(w, node, m, a, bias, out, weight_first=True)
+            return
+    opaque(w, node)
+
+
+@handles(*_ops("_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+               "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention",
+               "_scaled_dot_product_attention_math", "_efficient_attention_forward", "_flash_attention_forward",
+               "einsum", "dot", "vdot", "outer", "mv"))
+def opaque(w: Walker, node) -> None:
+    """Products between activations (attention): the contracted and produced dims keep their width."""
+    for v in node.tensor_inputs():
+        w.fix(v)
+    for o in node.outputs:
+        w.derive(o, *node.tensor_inputs())
+    _record_data(w, node, _io(node))

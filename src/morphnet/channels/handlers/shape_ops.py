@@ -1,0 +1,301 @@
+"""Views, permutations, slicing, splitting and indexing."""
+
+from __future__ import annotations
+
+from morphnet.channels.analysis import Chan, StateView, Walker, bind, vid
+from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles
+from morphnet.channels.views import (
+    map_channel_through_view,
+    map_state_dims_through_view,
+)
+
+
+@handles(*_ops("view", "_unsafe_view", "reshape", "_reshape_alias", "unflatten", "flatten"))
+def view(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    old, new = w.shape(x), w.shape(out)
+    c = w.chan(x)
+    if c is not None:
+        mapped = map_channel_through_view(old, new, c.dim, c.ids)
+        if mapped is None:  # the view splits the channel dim (channel shuffle, heads): keep width
+            w.fix(x)
+        else:
+            w.set_chan(out, Chan(*mapped))
+    sv = w.state_view(x)
+    if sv is not None:
+        dims = map_state_dims_through_view(old, new, sv.dims)
+        if dims is None:
+            w.derive(out, x)
+        else:
+            w.state_views[out] = StateView(sv.name, dims)
+    else:
+        w.derive(out, x)
+
+
+def _permuted(w: Walker, x: int, out: int, perm: list[int]) -> None:
+    c = w.chan(x)
+    if c is not None:
+        w.set_chan(out, Chan(perm.index(c.dim), c.ids))
+    sv = w.state_view(x)
+    if sv is not None:
+        w.state_views[out] = StateView(sv.name, tuple(sv.dims[p] for p in perm))
+    else:
+        w.derive(out, x)
+
+
+@handles(*_ops("permute"))
+def permute(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    rank = len(w.shape(x))
+    perm = [d % rank for d in bind(node)["dims"]]
+    _permuted(w, x, node.outputs[0], perm)
+
+
+@handles(*_ops("transpose", "transpose_", "swapaxes", "t", "t_", "numpy_T"))
+def transpose(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    rank = len(w.shape(x))
+    b = bind(node)
+    d0, d1 = (b.get("dim0", 0), b.get("dim1", 1)) if rank >= 2 else (0, 0)
+    perm = list(range(rank))
+    if rank >= 2:
+        d0, d1 = d0 % rank, d1 % rank
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    _permuted(w, x, node.outputs[0], perm)
+
+
+@handles(*_ops("expand", "expand_as", "broadcast_to"))
+def expand(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    old, new = w.shape(x), w.shape(out)
+    shift = len(new) - len(old)
+    c = w.chan(x)
+    if c is not None:
+        if len(c.ids) != new[c.dim + shift]:
+            w.fix(x)
+        else:
+            w.set_chan(out, Chan(c.dim + shift, c.ids))
+    sv = w.state_view(x)
+    if sv is not None:
+        dims = [None] * shift + [sv.dims[i] if old[i] == new[i + shift] else None for i in range(len(old))]
+        w.state_views[out] = StateView(sv.name, tuple(dims))
+    else:
+        w.derive(out, x)
+
+
+@handles(*_ops("unsqueeze", "unsqueeze_"))
+def unsqueeze(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    d = bind(node)["dim"] % len(w.shape(out))
+    c = w.chan(x)
+    if c is not None:
+        w.set_chan(out, Chan(c.dim + (1 if d <= c.dim else 0), c.ids))
+    sv = w.state_view(x)
+    if sv is not None:
+        dims = list(sv.dims)
+        dims.insert(d, None)
+        w.state_views[out] = StateView(sv.name, tuple(dims))
+    else:
+        w.derive(out, x)
+
+
+@handles(*_ops("squeeze", "squeeze_"))
+def squeeze(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    shape = w.shape(x)
+    b = bind(node)
+    dims = b.get("dim", b.get("dims"))
+    if dims is None:
+        removed = [i for i, s in enumerate(shape) if s == 1]
+    else:
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        removed = [d % max(len(shape), 1) for d in dims if shape and shape[d % len(shape)] == 1]
+    keep = [i for i in range(len(shape)) if i not in removed]
+    c = w.chan(x)
+    if c is not None:
+        if c.dim in removed:
+            w.fix(x)
+        else:
+            w.set_chan(out, Chan(keep.index(c.dim), c.ids))
+    sv = w.state_view(x)
+    if sv is not None:
+        w.state_views[out] = StateView(sv.name, tuple(sv.dims[i] for i in keep))
+    else:
+        w.derive(out, x)
+
+
+def _sliced_state(w: Walker, x: int, out: int, dim: int, keep_dim: bool, full: bool) -> None:
+    sv = w.state_view(x)
+    if sv is None:
+        w.derive(out, x)
+        return
+    if full:
+        w.state_views[out] = sv
+    elif keep_dim:
+        dims = list(sv.dims)
+        if dims[dim] is not None:
+            w.derive(out, x)
+            return
+        w.state_views[out] = StateView(sv.name, tuple(dims))
+    else:
+        if sv.dims[dim] is not None:
+            w.derive(out, x)
+            return
+        w.state_views[out] = StateView(sv.name, tuple(d for i, d in enumerate(sv.dims) if i != dim))
+
+
+@handles(*_ops("slice", "narrow"))
+def slice_(w: Walker, node) -> None:
+    """Slicing along the channel dim keeps those channels (code indexes them by position)."""
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    b = bind(node)
+    rank = len(w.shape(x))
+    dim = b.get("dim", 0) % rank
+    full = w.shape(out)[dim] == w.shape(x)[dim]
+    c = w.chan(x)
+    if c is not None:
+        if c.dim != dim or full:
+            w.set_chan(out, c)
+        else:
+            w.fix(x)
+    _sliced_state(w, x, out, dim, True, full)
+
+
+@handles(*_ops("select"))
+def select(w: Walker, node) -> None:
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    rank = len(w.shape(x))
+    dim = bind(node)["dim"] % rank
+    c = w.chan(x)
+    if c is not None:
+        if c.dim == dim:
+            w.fix(x)
+        else:
+            w.set_chan(out, Chan(c.dim - (1 if c.dim > dim else 0), c.ids))
+    _sliced_state(w, x, out, dim, False, False)
+
+
+@handles(*_ops("split", "split_with_sizes", "unbind", "chunk", "unsafe_split", "tensor_split"))
+def split(w: Walker, node) -> None:
+    """Splitting the channel dim keeps its channels (the code's split sizes are constants)."""
+    x = node.tensor_inputs()[0]
+    rank = len(w.shape(x))
+    dim = bind(node).get("dim", 0) % rank
+    c = w.chan(x)
+    removes = node.op.overloadpacket is aten.unbind
+    if c is not None and c.dim == dim:
+        w.fix(x)
+        start = 0
+        for o in node.outputs:
+            if o is not None and not removes:
+                n = w.shape(o)[dim]
+                w.set_chan(o, Chan(dim, c.ids[start:start + n]))
+                start += n
+        return
+    for o in node.outputs:
+        if o is None:
+            continue
+        if c is not None:
+            w.set_chan(o, Chan(c.dim - (1 if removes and c.dim > dim else 0), c.ids))
+        _sliced_state(w, x, o, dim, not removes, False)
+
+
+@handles(*_ops("as_strided", "as_strided_"))
+def as_strided(w: Walker, node) -> None:
+    """A restride that keeps every element where it was (memory-format fix-ups) is an alias."""
+    b = bind(node)
+    x = vid(b["input"] if "input" in b else b["self"])
+    out = node.outputs[0]
+    old = w.graph.values[x]
+    size, stride = list(b["size"]), list(b["stride"])
+    same = list(old.shape) == size and all(s == 1 or a == c for s, a, c in zip(size, old.stride, stride))
+    offset = b.get("storage_offset")
+    if not same or offset not in (None, 0):
+        if w.chan(x) is not None:
+            raise w.unsupported("as_strided reinterprets the memory of a channel-carrying tensor")
+        w.derive(out, x)
+        return
+    w.set_chan(out, w.chan(x))
+    w.derive(out, x)
+
+
+@handles(*_ops("flip"))
+def flip(w: Walker, node) -> None:
+    """Reversing the channel order is exact: the pruned model reverses the survivors."""
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    rank = len(w.shape(x))
+    dims = [d % rank for d in bind(node)["dims"]]
+    c = w.chan(x)
+    if c is not None:
+        w.set_chan(out, Chan(c.dim, c.ids[::-1].copy()) if c.dim in dims else c)
+    w.derive(out, x)
+    _record_data(w, node, _io(node))
+
+
+@handles(*_ops("roll"))
+def roll(w: Walker, node) -> None:
+    """Rolling the channel dim depends on the width: those channels stay fixed."""
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    rank = len(w.shape(x))
+    b = bind(node)
+    dims = [d % rank for d in (b["dims"] or [])] if b["dims"] else list(range(rank))
+    c = w.chan(x)
+    if c is not None:
+        if c.dim in dims:
+            w.fix(x)
+        else:
+            w.set_chan(out, c)
+    w.derive(out, x)
+    _record_data(w, node, _io(node))
+
+
+@handles(*_ops("index_select"))
+def index_select(w: Walker, node) -> None:
+    b = bind(node)
+    x = vid(b["self"])
+    out = node.outputs[0]
+    dim = b["dim"] % len(w.shape(x))
+    c = w.chan(x)
+    if c is not None:
+        if c.dim == dim:
+            w.fix(x)
+        else:
+            w.set_chan(out, c)
+    w.derive(out, x)
+    _record_data(w, node, _io(node))
+
+
+@handles(*_ops("index"))
+def index(w: Walker, node) -> None:
+    """Advanced indexing: the channel dim survives when it is not indexed and keeps its place."""
+    b = bind(node)
+    x = vid(b["self"])
+    out = node.outputs[0]
+    indices = b["indices"]
+    c = w.chan(x)
+    if c is not None:
+        indexed = [i for i, t in enumerate(indices) if t is not None]
+        if c.dim in indexed or not indexed:
+            w.fix(x)
+        else:
+            first, last = indexed[0], indexed[-1]
+            adjacent = last - first + 1 == len(indexed)
+            idx_rank = max(len(w.shape(t.index)) for t in indices if t is not None)
+            if c.dim < first and adjacent:
+                w.set_chan(out, Chan(c.dim, c.ids))
+            elif c.dim > last and adjacent:
+                w.set_chan(out, Chan(c.dim - len(indexed) + idx_rank, c.ids))
+            elif not adjacent and c.dim > last:
+                w.set_chan(out, Chan(idx_rank + c.dim - len(indexed), c.ids))
+            else:
+                w.fix(x)
+    w.derive(out, *node.tensor_inputs())
+    _record_data(w, node, _io(node))
