@@ -18,15 +18,24 @@ from nets import counted_flops
 # (name, input size, source, extra constructor arguments)
 ZOO = [
     ("resnet18", 64, "gamma", {}), ("resnext50_32x4d", 64, "gamma", {}), ("mobilenet_v2", 64, "gamma", {}),
-    ("mobilenet_v3_small", 64, "gamma", {}), ("mobilenet_v3_large", 64, "gamma", {}),
+    ("mobilenet_v3_small", 64, "gamma", {}),
     ("efficientnet_b0", 64, "gamma", {}), ("mnasnet0_5", 64, "gamma", {}), ("densenet121", 64, "gamma", {}),
     ("googlenet", 64, "gamma", {"aux_logits": True, "init_weights": False}),
     ("inception_v3", 299, "gamma", {"aux_logits": True, "init_weights": False}),
     ("shufflenet_v2_x0_5", 64, "gamma", {}), ("squeezenet1_1", 64, "group_lasso", {}),
     ("vgg11", 32, "group_lasso", {}), ("vgg11_bn", 32, "gamma", {}), ("alexnet", 64, "group_lasso", {}),
-    ("regnet_x_400mf", 64, "gamma", {}), ("regnet_y_400mf", 64, "gamma", {}),
+    ("regnet_y_400mf", 64, "gamma", {}),
     ("convnext_tiny", 64, "group_lasso", {}), ("vit_b_32", 64, "group_lasso", {"image_size": 64}),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Big models on a shared 2-core machine: one thread avoids spin-waiting between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def build(name, **kwargs):
@@ -103,13 +112,13 @@ def test_pruned_models_with_auxiliary_heads_run_a_training_step(name, size):
     kill_quarter(model, reg, "gamma")
     counts = morphnet.expand_structure(model, reg, x, 0.5)  # half of the survivors: a cheap training step
     slim = morphnet.apply_structure(model, counts, x).train()
-    aux = [n for n, _ in slim.named_modules() if n.startswith("aux") and n.count(".") == 0]
+    aux = [n for n, _ in slim.named_modules() if n.lower().startswith("aux") and n.count(".") == 0]
     for head in aux:  # the training-only heads were narrowed with the rest
         assert sum(p.numel() for p in slim.get_submodule(head).parameters()) < sum(
             p.numel() for p in model.get_submodule(head).parameters())
     opt = torch.optim.SGD(slim.parameters(), lr=0.01)
     outputs = slim(torch.randn(2, 3, size, size))
-    assert len(outputs) == len(aux) + 1
+    assert aux and len(outputs) == len(aux) + 1
     loss = sum(torch.nn.functional.cross_entropy(o, torch.tensor([1, 2])) for o in outputs)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for h in aux
