@@ -17,7 +17,7 @@ RegularizerFactory = Callable[[nn.Module, Any, "float | None", "str | None"], An
 _REGISTRY: dict[str, dict[str, RegularizerFactory]] = {}
 
 #: Resource names of ``--target``, with the unit each one is counted in.
-UNITS = {"flops": "FLOPs", "size": "weights", "latency": "ns", "activation": "activations"}
+UNITS = {"flops": "FLOPs", "size": "weights", "latency": "ns", "activations": "channels"}
 
 
 def register_regularizer(name: str, target: str, factory: RegularizerFactory) -> None:
@@ -60,7 +60,7 @@ def _core(class_name: str, threshold_arg: str, default_threshold: float) -> Regu
     return build
 
 
-for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency"), ("activation", "Activation")]:
+for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency"), ("activations", "Activation")]:
     register_regularizer("gamma", _target, _core(f"Gamma{_suffix}Regularizer", "gamma_threshold", 1e-2))
     register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", 1e-2))
 
