@@ -119,3 +119,18 @@ def test_unreachable_targets_are_clear_errors():
 def test_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call(ConcatNet(), torch.randn(1, 3, 17, 19))
+
+
+def test_equal_layers_that_round_up_together_step_up_one_at_a_time():
+    layers = [torch.nn.Conv2d(3, 16, 3, padding=1)]
+    for _ in range(5):
+        layers += [torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1)]
+    model = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Conv2d(16, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    names = [str(i) for i in range(0, 11, 2)]
+    # every expansion of {all: 8} with round_to=8 has all widths 8 or all 16; the target lies between
+    mixed = dict(zip(names, [16, 16, 16, 8, 8, 8]))
+    target = counted_flops(morphnet.apply_structure(model, mixed, x), x)
+    factor, counts = morphnet.find_width_multiplier(model, dict.fromkeys(names, 8), x, target, round_to=8)
+    assert counts == mixed and 1 < factor <= 2
+    assert morphnet.expand_structure(model, dict.fromkeys(names, 8), x, factor, round_to=8) == dict.fromkeys(names, 16)

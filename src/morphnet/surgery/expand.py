@@ -13,6 +13,7 @@ channels (expanded structures are for retraining from scratch).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -43,6 +44,9 @@ def find_width_multiplier(model: nn.Module, structure, example_inputs, target_co
 
     The cost is that of ``apply_structure(model, counts, example_inputs)``: FLOPs per
     example, weight count ('size'), or roofline latency on ``hardware`` at batch size 1.
+    The counts are ``expand_structure(..., factor, round_to=round_to)``, except that atoms
+    reaching their next rounding step at exactly this factor step up only as far as the
+    target needs (equal layers would otherwise all jump at once).
     """
     if resource not in _RESOURCES:
         raise ValueError(f"resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
@@ -55,18 +59,15 @@ def find_width_multiplier(model: nn.Module, structure, example_inputs, target_co
     evaluator = CostEvaluator(program, s.analysis.group_of, s.analysis.num_groups)
     ex = _Expander(s, round_to)
 
-    def cost(f: float) -> float:
-        counts = ex.counts(f)
+    def cost(units: tuple[int, ...]) -> float:
+        counts = s.counts(ex.copies(units))
         copies = keep_nonempty(s, copies_for_counts(s.table, counts, s.names), warn=False)
-        alive = torch.as_tensor(copies, dtype=torch.float64)
-        return float(evaluator.evaluate(alive, None)[0])
+        return float(evaluator.evaluate(torch.as_tensor(copies, dtype=torch.float64), None)[0])
 
-    tried: dict[float, float] = {}
+    cost = functools.lru_cache(maxsize=None)(cost)
 
     def at(f: float) -> float:
-        if f not in tried:
-            tried[f] = cost(f)
-        return tried[f]
+        return cost(ex.units(f))
 
     lo, hi = 0.0, 1.0
     while at(hi) < target_cost:
@@ -74,23 +75,33 @@ def find_width_multiplier(model: nn.Module, structure, example_inputs, target_co
             raise ValueError(f"target_cost {target_cost:.6g} is out of reach: the expanded structure costs at most "
                              f"{at(hi):.6g} {resource} (no layer of the structure can grow)")
         lo, hi = hi, hi * 2
-    if at(lo) < target_cost:
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            if mid in (lo, hi):
+    while at(lo) < target_cost:
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if at(mid) < target_cost:
+            lo = mid
+        else:
+            hi = mid
+    # Atoms of equal size reach their next rounding step at the same factor (DenseNet's layers,
+    # RegNet's blocks): between lo and hi, step them up one at a time and keep the closest cost.
+    factor, units = lo, ex.units(lo)
+    tried = {units: cost(units)}
+    if tried[units] < target_cost:
+        current, step_to = list(units), ex.units(hi)
+        for i in [i for i, (a, b) in enumerate(zip(units, step_to)) for _ in range(b - a)]:
+            current[i] += 1
+            tried[tuple(current)] = cost(tuple(current))
+            if tried[tuple(current)] >= target_cost:
                 break
-            if at(mid) < target_cost:
-                lo = mid
-            else:
-                hi = mid
-    best = min(tried, key=lambda f: (abs(tried[f] - target_cost), f))
+    best = min(tried, key=lambda u: abs(tried[u] - target_cost))
     if abs(tried[best] - target_cost) > 0.01 * target_cost:
         below = max((c for c in tried.values() if c < target_cost), default=None)
         above = min((c for c in tried.values() if c >= target_cost), default=None)
         raise ValueError(f"no width multiplier puts the cost within 1% of {target_cost:.6g} {resource}: the "
                          f"nearest expansions cost {below} and {above}"
                          + (f" (round_to={round_to} makes the steps coarse; try a smaller one)" if round_to else ""))
-    return best, ex.counts(best)
+    return (factor if best == units else hi), s.counts(ex.copies(best))
 
 
 def _resolve_counts(model: nn.Module, structure, example_inputs) -> Structure:
@@ -132,15 +143,19 @@ class _Expander:
                     unit = math.lcm(unit, round_to // math.gcd(round_to, step))
             self.atoms.append((np.array(groups, np.int64), unit))
 
-    def copies(self, factor: float) -> np.ndarray:
-        copies = self.s.copies.copy()
+    def units(self, factor: float) -> tuple[int, ...]:
+        """Rounding units per atom at ``factor`` (at least one where the atom had channels)."""
+        out = []
         for groups, unit in self.atoms:
-            n = int(copies[groups].sum())
-            if n == 0:
-                continue
-            units = max(1, math.floor(factor * n / unit + 0.5))
-            copies[groups] = _fill(np.ones(len(groups), np.int64), units * unit)
+            n = int(self.s.copies[groups].sum())
+            out.append(0 if n == 0 else max(1, math.floor(factor * n / unit + 0.5)))
+        return tuple(out)
+
+    def copies(self, units) -> np.ndarray:
+        copies = self.s.copies.copy()
+        for (groups, unit), k in zip(self.atoms, units):
+            copies[groups] = _fill(np.ones(len(groups), np.int64), int(k) * unit)
         return copies
 
     def counts(self, factor: float) -> dict[str, int]:
-        return self.s.counts(self.copies(factor))
+        return self.s.counts(self.copies(self.units(factor)))
