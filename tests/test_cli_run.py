@@ -87,3 +87,16 @@ def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(tmp_path
     assert summary["target"]["target_cost"] == pytest.approx(half)
     assert abs(summary["learned"]["cost"] / half - 1) <= 0.05
     assert abs(summary["slim"]["flops_counted"] / half - 1) <= 0.05
+
+
+@pytest.mark.parametrize("target", [["--target", "size"], ["--target", "latency", "--hardware", "V100"],
+                                    ["--target", "activations"], ["--regularizer", "group-lasso"]])
+def test_learn_with_every_target_and_regularizer(tmp_path, target):
+    assert main(["learn", "--steps", "20", "--out", str(tmp_path), "--quiet", *target]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seed"]["cost"] > 0 and summary["learned"]["cost"] <= summary["seed"]["cost"]
+
+
+def test_latency_target_without_hardware_says_what_to_add(tmp_path, capsys):
+    assert main(["learn", "--steps", "5", "--target", "latency", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--hardware" in capsys.readouterr().err
