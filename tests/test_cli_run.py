@@ -27,7 +27,12 @@ def test_run_writes_every_output(fixed_strength_run):
                  "learned_structure/alive_120.json", "checkpoints/learn.pt", "checkpoints/seed.pt",
                  "plots/cost.png", "plots/accuracy.png", "plots/widths.png"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"RegularizationLoss", "FLOPs", "alive/features.0.0", "learn/strength", "retrain_slim/test_accuracy"} <= tags
     assert any((out / "slim").iterdir())
     counts = json.loads((out / "learned_structure/alive_120.json").read_text())
     assert counts and all(isinstance(v, int) for v in counts.values())
