@@ -44,9 +44,12 @@ def test_files_are_the_exporter_json_and_a_tensor_only_state_dict(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+def seed():
+    return torchvision.models.resnet18(num_classes=10)
+
+
 def test_expanded_resnet_round_trip(tmp_path):
     x = torch.randn(1, 3, 32, 32)
-    seed = lambda: torchvision.models.resnet18(num_classes=10)  # noqa: E731
     counts = morphnet.expand_structure(seed(), {"layer1.0.conv1": 16, "layer3.1.conv1": 300}, x, 1.0, round_to=8)
     slim = morphnet.apply_structure(seed(), counts, x).eval()
     morphnet.save_slim(tmp_path / "slim", slim, counts)

@@ -193,7 +193,7 @@ def _fill(mult: np.ndarray, need: int) -> np.ndarray | None:
     out = np.zeros(len(mult), np.int64)
     left = need
     total = int(mult.sum())
-    if need > total and total > 0:
+    if need > total > 0:
         out[:] = 1
         left -= total
         rounds, left = divmod(left, total)
