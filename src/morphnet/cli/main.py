@@ -46,7 +46,8 @@ def _run_options(parser: argparse.ArgumentParser, out_help: str) -> None:
     group.add_argument("--out", default=None, help=out_help)
     group.add_argument("--device", default=None, help="auto (a GPU when available), cpu, cuda or cuda:N")
     group.add_argument("--threads", type=_positive_int, default=None,
-                       help="CPU threads per process (default: PyTorch's choice; 1 is much faster on a busy machine)")
+                       help="CPU threads per process (default: PyTorch's choice, lowered to the cores that other "
+                            "work leaves idle, since busy threads slow PyTorch down a lot)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; results only")
 
 
