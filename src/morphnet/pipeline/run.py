@@ -38,15 +38,19 @@ class Session:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.ctx: DistContext = distributed.setup(cfg.device)
-        self.threads = torch.get_num_threads()  # restored by close()
-        if self.ctx.device.type == "cpu":
-            torch.set_num_threads(cfg.threads or idle_threads())
-        self.data: DataBundle = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
         self.out = Path(cfg.out)
-        self.example = self.data.example_inputs(1)
-        self.new_seed()  # fail early on an unknown model, before any work
         self.writer = None
+        self.threads = torch.get_num_threads()  # restored by close()
+        self.ctx: DistContext = distributed.setup(cfg.device)
+        try:
+            if self.ctx.device.type == "cpu":
+                torch.set_num_threads(cfg.threads or idle_threads())
+            self.data: DataBundle = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
+            self.example = self.data.example_inputs(1)
+            self.new_seed()  # fail early on an unknown model, before any work
+        except BaseException:
+            self.close()
+            raise
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
