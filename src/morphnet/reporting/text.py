@@ -67,7 +67,7 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     seconds = summary.get("seconds", {})
     lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in seconds.items()))
     lines.append(f"report: {run_dir / 'report.html'} (rebuild it with `morphnet report {run_dir}`)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_widths(seed: dict[str, int], learned: dict[str, int], final: dict[str, int] | None = None) -> str:
