@@ -316,7 +316,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     parser.add_argument("--quick", action="store_true", help="one seed, one target, a few steps (test suite)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/pareto_<setting>.json; CSV and PNG beside it)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/pareto_cpu.json or pareto_gpu_<model>.json; "
+                        "CSV and PNG beside it)")
     args = parser.parse_args()
     setup_cpu(args.threads)
     setting = SETTINGS[args.setting]
@@ -343,7 +344,8 @@ def main() -> None:
         print(f"{arm_label(c['arm'], c['k']):24s} {target:>8s} {c['flops']:8d} {c['accuracy_mean']:.4f}±{c['accuracy_std']:.4f} "
               f"{c['uniform_accuracy_mean']:.4f}±{c['uniform_accuracy_std']:.4f} {c['gap']:+.4f} {2 * c['pooled_se']:6.4f} "
               f"{c['verdict']:7s} {saving:>11s}")
-    out = Path(args.out or RESULTS / f"pareto_{args.setting}{'_quick' if args.quick else ''}.json")
+    name = "pareto_cpu" if args.setting == "cpu" else f"pareto_gpu_{setting.model}"
+    out = Path(args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json")
     settings = {"name": args.setting, **{k: v for k, v in vars(setting).items()}, "targets_flops": bench.targets,
                 "seed_flops": bench.seed_flops}
     write_results(out, {"environment": env, "settings": settings, "comparisons": comparisons, "rows": rows}, rows)
