@@ -6,7 +6,7 @@ Variants of one seed network, each rebuilt with ``morphnet.apply_structure`` fro
 - learned structures: the snapshots of one structure-learning run (the pipeline's
   ``learn_structure``, Gamma FLOPs at a fixed strength) as it shrinks the network;
 - every structure also rounded to multiples of 8 (``morphnet.expand_structure(..., 1.0, round_to=8)``).
-Measured: forward latency in eval mode. On CUDA (bf16 autocast, channels_last): batch 1 replayed
+Measured: forward latency in eval mode. On CUDA (bf16 weights and inputs, channels_last): batch 1 replayed
 from a CUDA graph, and batch 256. On CPU (fp32, eager): batch 1 and batch 32. Rounds go through
 every variant in a shuffled order; a variant's latency is the median of its per-round medians.
 Predicted: FLOPs and roofline latency (``morphnet.compute_cost``, for the measured batch size) on
@@ -107,10 +107,10 @@ def forward_timer(model: nn.Module, batch: int, shape: tuple[int, ...], device: 
             return median(times)
         return run_cpu
 
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
     def forward():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.inference_mode():
             return model(x)
 
     call = forward
@@ -172,6 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_cpu(args.threads)
     device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True
     cfg = dict(SETTINGS["quick" if args.quick else device.type])
     if args.model:
         cfg["model"] = args.model
@@ -210,7 +211,7 @@ def main() -> None:
             v[f"roofline_ns_b{b}"] = morphnet.compute_cost(slim, example, "latency", hardware, batch_size=b)
         slim = slim.eval().to(device)
         if device.type == "cuda":
-            slim = slim.to(memory_format=torch.channels_last)
+            slim = slim.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
         timers.append({b: forward_timer(slim, b, shape, device, graph=device.type == "cuda" and b == 1)
                        for b in cfg["batches"]})
     samples = [{b: [] for b in cfg["batches"]} for _ in variants]
