@@ -3,7 +3,7 @@
 For ResNet-18/50/101/152, DenseNet-121/201 and a synthetic chain of N conv+BN layers:
 time to build a GammaFlopsRegularizer (224x224 input for the torchvision models) and the
 number of non-view aten ops dispatched by ``get_regularization_term()`` and its backward
-(Gamma and GroupLasso). Prints a table and writes JSON.
+(Gamma and GroupLasso). Prints a table and writes JSON (and the rows as CSV beside it).
 
     python benchmarks/scaling.py [--quick] [--out benchmarks/results/scaling.json]
 """
@@ -11,7 +11,6 @@ number of non-view aten ops dispatched by ``get_regularization_term()`` and its 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import morphnet
+
+from common import environment, write_results
 
 
 class OpCounter(TorchDispatchMode):
@@ -85,10 +86,10 @@ def main() -> None:
         print(f"{r['model']:12s} {r['layers']:6d} {r['build_s']:8.3f} {r['gamma_term_ops']:9d} "
               f"{r['group_lasso_term_ops']:9d}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                               "threads": torch.get_num_threads(), "input": size, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results(out, {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                        "threads": torch.get_num_threads(), "input": size, "rows": rows,
+                        "environment": environment(torch.device("cpu"))}, rows)
+    print(f"wrote {out} and {out.with_suffix('.csv').name}")
 
 
 if __name__ == "__main__":
