@@ -14,7 +14,7 @@ def fixed_strength_run(tmp_path_factory):
     """A short run with a fixed strength: no correction after rebuild, so the slim network's
     FLOPs must equal the regularizer's prediction exactly."""
     out = tmp_path_factory.mktemp("run")
-    code = main(["run", "--steps", "120", "--retrain-steps", "40", "--strength", "3e-7",
+    code = main(["run", "--steps", "120", "--retrain-steps", "40", "--strength", "3e-7", "--uniform-baseline",
                  "--export-every", "50", "--out", str(out), "--quiet"])
     assert code == 0
     return out
@@ -47,6 +47,13 @@ def test_slim_flops_are_below_the_seed_and_equal_the_prediction(fixed_strength_r
     assert slim["widths"] == learned["widths"]
     assert 0 <= slim["accuracy"] <= 1 and 0 <= seed["accuracy"] <= 1
     assert slim["params"] < seed["params"]
+
+
+def test_uniform_baseline_costs_what_the_slim_network_costs(fixed_strength_run):
+    summary = json.loads((fixed_strength_run / "summary.json").read_text())
+    uniform, slim = summary["uniform"], summary["slim"]
+    assert abs(uniform["flops_counted"] / slim["flops_counted"] - 1) <= 0.01
+    assert 0 < uniform["width_multiplier"] < 1 and 0 <= uniform["accuracy"] <= 1
 
 
 def test_slim_model_loads_back_with_the_learned_widths(fixed_strength_run):

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _learn_options(run)
     _rebuild_options(run)
     run.add_argument("--no-baseline", action="store_true", help="do not train the seed for comparison")
+    run.add_argument("--uniform-baseline", action="store_true", default=None,
+                     help="also train the seed with all widths scaled by one factor to the slim network's cost")
     _run_options(run, "run folder (default morphnet_run)")
 
     learn = commands.add_parser("learn", help="structure learning only: write learned_structure/alive_<step>.json",

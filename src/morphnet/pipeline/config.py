@@ -37,6 +37,7 @@ class RunConfig:
     expand_to: float | None = None
     round_to: int | None = None
     baseline: bool = True
+    uniform_baseline: bool = False
     image_size: int | None = None
     out: str = "morphnet_run"
     device: str = "auto"

@@ -199,6 +199,24 @@ def retrain_stage(session: Session, model: nn.Module, name: str, history: dict) 
     return records[-1]["test_accuracy"], time.perf_counter() - start
 
 
+def uniform_stage(session: Session, seed_widths: dict[str, int], budget: float,
+                  history: dict) -> tuple[dict[str, Any] | None, float]:
+    """The baseline MorphNet has to beat: the seed with every width scaled by one factor to the
+    slim network's cost, retrained with the same recipe. None when no factor lands within 1%."""
+    cfg = session.cfg
+    torch.manual_seed(cfg.seed + 1)
+    try:
+        rebuilt = rebuild(session.new_seed(), seed_widths, session.example, resource=cfg.target, budget=budget,
+                          hardware=cfg.hardware, round_to=cfg.round_to)
+    except ValueError as error:
+        session.log(f"no uniform baseline: {error}")
+        return None, 0.0
+    stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
+    session.log(f"training the seed shrunk uniformly (x{rebuilt.width_multiplier:.3f}) to the slim cost, for comparison")
+    accuracy, seconds = retrain_stage(session, rebuilt.model, "retrain_uniform", history)
+    return {**stats, "accuracy": accuracy, "widths": rebuilt.counts, "width_multiplier": rebuilt.width_multiplier}, seconds
+
+
 def finish(session: Session, summary: dict, history: dict) -> dict:
     """Write summary.json, history.json, plots and report.html (rank 0); print the summary."""
     if session.ctx.is_main:
@@ -240,6 +258,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             summary["seed"]["accuracy"], summary["seconds"]["retrain_seed"] = retrain_stage(session, baseline, "retrain_seed", history)
             if session.ctx.is_main:
                 files.save_checkpoint(session.out / files.CHECKPOINTS / "seed.pt", {"model": baseline.state_dict()})
+        if cfg.uniform_baseline:
+            summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
+                session, result.seed_widths, slim_stats["cost"], history)
         summary["seconds"]["total"] = time.perf_counter() - start
         return finish(session, summary, history)
     finally:

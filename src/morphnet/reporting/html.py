@@ -50,14 +50,12 @@ def write_report(run_dir: str | Path) -> Path:
     def pct(v):
         return "-" if v is None else f"{v:.2%}"
 
-    figures = [
-        ["FLOPs (MorphNet)", format_number(seed["flops"]), format_number(slim.get("flops"))],
-        ["FLOPs (FlopCounterMode)", format_number(seed["flops_counted"]), format_number(slim.get("flops_counted"))],
-        ["parameters", format_number(seed["params"]), format_number(slim.get("params"))],
-        [f"{target['cost_name']} ({target['unit']})", format_number(seed["cost"]),
-         format_number(slim.get("cost", learned["cost"]))],
-        ["test accuracy", pct(seed.get("accuracy")), pct(slim.get("accuracy"))],
-    ]
+    columns = [seed, slim or {"cost": learned["cost"]}] + ([summary["uniform"]] if summary.get("uniform") else [])
+    figures = [[label] + [fmt(c.get(key)) for c in columns] for label, key, fmt in [
+        ("FLOPs (MorphNet)", "flops", format_number), ("FLOPs (FlopCounterMode)", "flops_counted", format_number),
+        ("parameters", "params", format_number), (f"{target['cost_name']} ({target['unit']})", "cost", format_number),
+        ("test accuracy", "accuracy", pct)]]
+    header = ["", "seed", "slim" if slim else "learned"] + (["uniform shrink"] if summary.get("uniform") else [])
     final = slim.get("widths", learned["widths"])
     widths = [[n, w, learned["widths"].get(n, w), final.get(n, w)] for n, w in seed["widths"].items()]
     target_line = (f"target {format_number(target['target_cost'])} {target['unit']}, learned structure "
@@ -76,7 +74,7 @@ figcaption{{color:#555;font-size:90%}}pre{{background:#f6f6f6;padding:1em;overfl
 at step {learned['step']} of {cfg['steps']} (<code>{html.escape(learned['structure_file'])}</code>).
 The slim network was rebuilt with these widths and retrained from scratch with the seed's recipe.</p>
 <h2>Seed vs slim</h2>
-{_table(['', 'seed', 'slim'], figures)}
+{_table(header, figures)}
 {images}
 <h2>Layer widths</h2>
 {_table(['layer', 'seed', 'learned', 'slim'], widths)}

@@ -51,9 +51,10 @@ def plot_cost(history: dict[str, Any], summary: dict[str, Any], path: Path) -> P
 
 def plot_accuracy(history: dict[str, Any], path: Path) -> Path:
     """Training accuracy (and test accuracy where measured) over structure learning and retraining."""
-    phases = [(k, history[k]) for k in ("learn", "retrain_slim", "retrain_seed") if history.get(k)]
+    phases = [(k, history[k]) for k in ("learn", "retrain_slim", "retrain_seed", "retrain_uniform") if history.get(k)]
     fig, axes = plt.subplots(1, max(1, min(2, len(phases))), figsize=(10 if len(phases) > 1 else 6, 4), squeeze=False)
-    labels = {"learn": "structure learning", "retrain_slim": "slim (retrained)", "retrain_seed": "seed (same recipe)"}
+    labels = {"learn": "structure learning", "retrain_slim": "slim (retrained)", "retrain_seed": "seed (same recipe)",
+              "retrain_uniform": "uniform shrink (same cost)"}
     for name, records in phases:
         ax = axes[0][0 if name == "learn" else min(1, len(axes[0]) - 1)]
         steps = [r["step"] for r in records]

@@ -25,30 +25,33 @@ def _ratio(slim: float | None, seed: float | None) -> str:
 
 
 def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
-    """The end-of-run table: seed vs slim cost, FLOPs (predicted and counted), params, accuracy."""
+    """The end-of-run table: seed vs slim (and the uniformly shrunk seed, when trained): cost,
+    FLOPs (predicted and counted), params, accuracy."""
     cfg, target, seed, learned = summary["config"], summary["target"], summary["seed"], summary["learned"]
     slim = summary.get("slim", {})
     unit = target["unit"]
-    other = "slim" if slim else "learned"
     cost_label = target["cost_name"] if target["cost_name"] == unit else f"{target['cost_name']} ({unit})"
+    columns = [("seed", seed), ("slim", slim) if slim else ("learned", {"cost": learned["cost"]})]
+    if summary.get("uniform"):
+        columns.append(("uniform", summary["uniform"]))
     lines = [
         f"MorphNet {target['regularizer']} on {cfg['model']} / {cfg['data']}: {cfg['steps']} learning steps, "
         f"{summary['world_size']} process(es)",
-        f"{'':24}{'seed':>12}{other:>12}{other + '/seed':>13}",
+        f"{'':24}" + "".join(f"{name:>12}" for name, _ in columns) + f"{columns[1][0] + '/seed':>14}",
     ]
 
-    def row(label: str, a, b, fmt=format_number, ratio=True) -> None:
-        lines.append(f"{label:24}{fmt(a):>12}{fmt(b):>12}{(_ratio(b, a) if ratio else ''):>13}")
+    def row(label: str, key: str, fmt=format_number, ratio=True) -> None:
+        values = [column.get(key) for _, column in columns]
+        lines.append(f"{label:24}" + "".join(f"{fmt(v):>12}" for v in values)
+                     + (f"{_ratio(values[1], values[0]):>14}" if ratio else ""))
 
-    if not slim:
-        row(cost_label, seed["cost"], learned["cost"])
-    else:
-        if cfg["target"] != "flops":
-            row(cost_label, seed["cost"], slim["cost"])
-        row("FLOPs (MorphNet)", seed["flops"], slim["flops"])
-        row("FLOPs (FlopCounterMode)", seed["flops_counted"], slim["flops_counted"])
-        row("parameters", seed["params"], slim["params"])
-        row("test accuracy", seed.get("accuracy"), slim.get("accuracy"), _percent, ratio=False)
+    if not slim or cfg["target"] != "flops":
+        row(cost_label, "cost")
+    if slim:
+        row("FLOPs (MorphNet)", "flops")
+        row("FLOPs (FlopCounterMode)", "flops_counted")
+        row("parameters", "params")
+        row("test accuracy", "accuracy", _percent, ratio=False)
     if target["target_cost"] is not None:
         lines.append(
             f"target {format_number(target['target_cost'])} {unit} (+-{target['tolerance']:.0%}): learned structure "
