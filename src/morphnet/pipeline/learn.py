@@ -75,6 +75,7 @@ def learn_structure(
     history: list[dict[str, Any]] = []
     candidates: list[Candidate] = []
     export_every = cfg.export_every or max(1, cfg.steps // 10)
+    exported: set[int] = set()
 
     for step in range(1, cfg.steps + 1):
         x, y = next(batches)
@@ -103,6 +104,7 @@ def learn_structure(
             if step % export_every == 0 or step == cfg.steps:
                 if ctx.is_main:
                     exporter.create_file_and_save_alive_counts(out, step)
+                    exported.add(step)
                     record["test_accuracy"] = evaluate(model, data.test, ctx.device)
                     files.save_checkpoint(out / files.CHECKPOINTS / "learn.pt", {
                         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -126,7 +128,7 @@ def learn_structure(
     chosen = ctx.broadcast(chosen)
     agree = ctx.all_equal(exporter.get_alive_counts())
     structure_file = files.structure_path(out, chosen.step)
-    if ctx.is_main and not structure_file.exists():
+    if ctx.is_main and chosen.step not in exported:
         files.write_json(structure_file, chosen.counts)
     ctx.barrier()
     return LearnResult(

@@ -110,6 +110,8 @@ def learn_stage(session: Session) -> tuple[nn.Module, LearnResult]:
     cfg, ctx = session.cfg, session.ctx
     if ctx.is_main:
         files.write_json(session.out / files.CONFIG, cfg.to_dict())
+        for stale in (session.out / files.STRUCTURES).glob("alive_*.json"):  # from an earlier run in this folder
+            stale.unlink()
     seed = session.new_seed().to(ctx.device)
     session.log(f"learning the structure of {cfg.model} on {session.data.name} "
                 f"({cfg.regularizer} regularizer, {cfg.target} target, {cfg.steps} steps, {ctx.world_size} process(es))")
