@@ -36,7 +36,7 @@ def load_image_folder(
     """
     from torchvision.datasets import ImageFolder
 
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(
             f"data folder '{root}' does not exist; pass digits, synthetic, "
@@ -67,7 +67,8 @@ def load_torchvision_dataset(name: str, root: str | Path, image_size: int | None
     cls = getattr(datasets, name, None)
     if not isinstance(cls, type):
         raise DataError(f"torchvision.datasets has no dataset '{name}'; check the spelling (e.g. CIFAR10, MNIST)")
-    if not Path(root).is_dir():
+    root = Path(root).expanduser()
+    if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist; download {name} there first (no download at run time)")
     transform = _image_transform(image_size)
     try:
