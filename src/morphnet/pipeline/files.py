@@ -17,8 +17,6 @@ STRUCTURES = "learned_structure"
 CHECKPOINTS = "checkpoints"
 SLIM = "slim"
 TENSORBOARD = "tensorboard"
-PLOTS = "plots"
-REPORT = "report.html"
 
 
 def _atomic(path: Path, write) -> Path:
