@@ -385,3 +385,36 @@ def test_in_place_activation_on_a_token_linear_output_stays_prunable():
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Linear(12, 3))
     reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(2, 5, 6), threshold=0.0)
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"0": 12}
+
+
+def test_shared_submodule_is_analyzed_and_left_on_its_device():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+            self.b2 = self.b
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b2(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+    net = Tied()
+    reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(2, 4), threshold=0.0)
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    assert reg.get_cost(["b"]).item() == 2 * (2 * 6 * 6)  # called twice
+    assert set(reg.analysis.group_of[reg.analysis.weights["b.weight"].out_ids]) == \
+        set(reg.analysis.group_of[reg.analysis.weights["a.weight"].out_ids])  # b's output feeds b again
+
+
+def test_module_with_two_weights_exports_its_first():
+    class TwoWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(5, 3, 1, 1))
+            self.w2 = nn.Parameter(torch.randn(4, 5, 1, 1))
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.nn.functional.conv2d(torch.relu(nn.functional.conv2d(x, self.w1)), self.w2)))
+
+    reg = morphnet.GroupLassoFlopsRegularizer(TwoWeights(), torch.randn(1, 3, 4, 4), threshold=0.0)
+    assert morphnet.StructureExporter(reg).get_alive_counts() == {"": 5}

@@ -217,8 +217,6 @@ def test_per_channel_parameters_in_functional_code_are_narrowed():
     assert torch.allclose(slim(x), model(x), atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="core: capture_graph passes every name of a shared module's tensors to "
-                   "functional_call, which refuses tied keys and leaves the model's tensors on the meta device")
 def test_tied_parameters_stay_tied():
     class Tied(nn.Module):
         def __init__(self):

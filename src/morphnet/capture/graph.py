@@ -309,14 +309,24 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 
 
 def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Meta-device stand-ins for every parameter and buffer (tied tensors stay tied)."""
-    by_id: dict[int, torch.Tensor] = {}
-    state = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if id(t) not in by_id:
-            by_id[id(t)] = _meta(t)
-        state[n] = by_id[id(t)]
-    return state
+    """Meta-device stand-ins for every parameter and buffer, under their first names.
+
+    Tied tensors (a module or parameter reachable under two names) appear once;
+    ``functional_call`` ties the other names to them.
+    """
+    return {n: _meta(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+@contextlib.contextmanager
+def _state_restored(model: nn.Module):
+    """Put back every parameter and buffer object if a functional call is interrupted."""
+    saved = [(m, "_parameters", dict(m._parameters)) for m in model.modules()]
+    saved += [(m, "_buffers", dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attr, entries in saved:
+            getattr(module, attr).update(entries)
 
 
 def _record(model: nn.Module, inputs: tuple, state: dict | None, info: dict, leaf_types: tuple) -> Graph:
@@ -363,7 +373,8 @@ def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -
     with preserved_state(model):
         try:
             meta_inputs = pytree.tree_map_only(torch.Tensor, _meta, inputs)
-            graph = _record(model, meta_inputs, _meta_state(model), info, tuple(leaf_types))
+            with _state_restored(model):
+                graph = _record(model, meta_inputs, _meta_state(model), info, tuple(leaf_types))
         except Exception:  # data-dependent code cannot run on meta tensors: run it for real
             graph = _record(model, inputs, None, info, tuple(leaf_types))
     first = graph.values[graph.inputs[0]]

@@ -104,6 +104,11 @@ class NetworkRegularizer:
             alive_g, reg_g = self.decorator(alive_g, reg_g, **self.decorator_parameters)
         return alive_g, reg_g
 
+    def group_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (alive, regularization) float64 vectors, decorator applied (no gradient)."""
+        with torch.no_grad():
+            return self._group_vectors(self.source.values(), with_reg=True)
+
     def alive_groups(self) -> torch.Tensor:
         """Per-group alive flags (bool, on the sources' device)."""
         with torch.no_grad():
@@ -128,13 +133,18 @@ class NetworkRegularizer:
         return self.evaluator.layer_mask(sel, device)
 
     def _export_table(self) -> list[tuple[str, np.ndarray]]:
-        """(module, output-channel groups) for conv / linear layers with regularized outputs."""
-        rows = []
-        for info in self.analysis.weights.values():
+        """(module, output-channel groups) for conv / linear layers with regularized outputs.
+
+        A module that owns several weights (functional code) is listed under its first
+        weight's output channels.
+        """
+        rows: dict[str, np.ndarray] = {}
+        for name in sorted(self.analysis.weights):
+            info = self.analysis.weights[name]
             groups = self.analysis.group_of[info.out_ids]
-            if self.grouping.regularized[groups].any():
-                rows.append((info.module, groups))
-        return sorted(rows)
+            if info.module not in rows and self.grouping.regularized[groups].any():
+                rows[info.module] = groups
+        return sorted(rows.items(), key=lambda row: row[0])
 
     def alive_counts(self) -> dict[str, int]:
         """Alive output channels of every conv / linear layer whose outputs are regularized."""

@@ -116,8 +116,7 @@ def _from_regularizer(model: nn.Module, reg: NetworkRegularizer) -> Structure:
                              f"{a.graph.state_shapes[state]} there but {None if t is None else tuple(t.shape)} in "
                              f"{type(model).__name__}; pass the model the regularizer was built on")
     table = LayerTable(a)
-    with torch.no_grad():
-        alive_g, reg_g = reg._group_vectors(reg.source.values(), with_reg=True)
+    alive_g, reg_g = reg.group_vectors()
     copies = (alive_g > 0.5).cpu().numpy().astype(np.int64)
     names = [n for n, layer in table.layers.items() if reg.grouping.regularized[layer.groups].any()]
     return Structure(a, table, copies, names, reg_g.detach().cpu().numpy(), reg)
