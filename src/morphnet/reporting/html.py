@@ -51,10 +51,11 @@ def write_report(run_dir: str | Path) -> Path:
         return "-" if v is None else f"{v:.2%}"
 
     columns = [seed, slim or {"cost": learned["cost"]}] + ([summary["uniform"]] if summary.get("uniform") else [])
-    figures = [[label] + [fmt(c.get(key)) for c in columns] for label, key, fmt in [
-        ("FLOPs (MorphNet)", "flops", format_number), ("FLOPs (FlopCounterMode)", "flops_counted", format_number),
-        ("parameters", "params", format_number), (f"{target['cost_name']} ({target['unit']})", "cost", format_number),
-        ("test accuracy", "accuracy", pct)]]
+    rows = [("FLOPs (MorphNet)", "flops", format_number), ("FLOPs (FlopCounterMode)", "flops_counted", format_number),
+            ("parameters", "params", format_number), ("test accuracy", "accuracy", pct)]
+    if target["resource"] != "flops" or not slim:
+        rows.insert(0, (f"{target['cost_name']} ({target['unit']})", "cost", format_number))
+    figures = [[label] + [fmt(c.get(key)) for c in columns] for label, key, fmt in rows]
     header = ["", "seed", "slim" if slim else "learned"] + (["uniform shrink"] if summary.get("uniform") else [])
     final = slim.get("widths", learned["widths"])
     widths = [[n, w, learned["widths"].get(n, w), final.get(n, w)] for n, w in seed["widths"].items()]
