@@ -234,6 +234,22 @@ class Walker:
         else:
             self.elements.union(slot, ids)
 
+    def align_value(self, v: int | None, ids: np.ndarray, dim: int = 0) -> bool:
+        """Align dim ``dim`` of value ``v`` (a view of a parameter or buffer) with ``ids``.
+
+        A value that is not a plain view of model state fixes the channels instead.
+        Returns whether it was aligned.
+        """
+        if v is None:
+            return False
+        sv = self.state_view(v)
+        if sv is not None and sv.dims[dim] is not None:
+            self.align(sv.name, sv.dims[dim], ids)
+            return True
+        self.elements.fix(ids)
+        self.make_opaque(v)
+        return False
+
     def derive(self, out: int | None, *sources: int | None) -> None:
         """Mark ``out`` as computed from model state in a way that is not a plain view."""
         if out is None:

@@ -76,13 +76,7 @@ def convolution(w: Walker, node) -> None:
         if weight_name not in w.weights:
             w.weights[weight_name] = WeightInfo(owner, weight_name, out_dim, out_ids, in_ids, kernel, g, depthwise)
         w.module_out.setdefault(owner, out_ids)
-    if bias is not None:
-        bsv = w.state_view(bias)
-        if bsv is not None and bsv.dims[0] is not None:
-            w.align(bsv.name, bsv.dims[0], out_ids)
-        else:
-            w.elements.fix(out_ids)
-            w.make_opaque(bias)
+    w.align_value(bias, out_ids)
     w.set_chan(out, Chan(1, out_ids))
     spatial_shape = (w.shape(x) if transposed else w.shape(out))[2:]
     area = float(np.prod(spatial_shape, dtype=np.float64))

@@ -24,20 +24,13 @@ def batch_norm(w: Walker, node) -> None:
     ids = w.need_chan(x, 1) if len(w.shape(x)) > 1 else w.need_chan(x, 0)
     for key in ("weight", "bias", "running_mean", "running_var"):
         v = vid(b.get(key))
-        if v is None:
-            continue
-        sv = w.state_view(v)
-        if sv is not None and sv.dims[0] is not None:
-            w.align(sv.name, sv.dims[0], ids)
-            if key == "weight":
-                if sv.name in w.gamma:
-                    w.elements.union(w.gamma[sv.name], ids)
-                else:
-                    w.gamma[sv.name] = ids
-                w.module_out.setdefault(_owner(sv.name), ids)
-        else:
-            w.elements.fix(ids)
-            w.make_opaque(v)
+        if w.align_value(v, ids) and key == "weight":
+            name = w.state_view(v).name
+            if name in w.gamma:
+                w.elements.union(w.gamma[name], ids)
+            else:
+                w.gamma[name] = ids
+            w.module_out.setdefault(_owner(name), ids)
     outs = [o for o in node.outputs if o is not None]
     w.set_chan(outs[0], Chan(w.chan(x).dim, ids))
     for o in outs[1:]:
@@ -82,15 +75,7 @@ def group_norm(w: Walker, node) -> None:
     for g in range(groups):
         w.elements.union_all(ids[g * per:(g + 1) * per])
     for key in ("weight", "bias"):
-        v = vid(b.get(key))
-        if v is None:
-            continue
-        sv = w.state_view(v)
-        if sv is not None and sv.dims[0] is not None:
-            w.align(sv.name, sv.dims[0], ids)
-        else:
-            w.elements.fix(ids)
-            w.make_opaque(v)
+        w.align_value(vid(b.get(key)), ids)
     outs = [o for o in node.outputs if o is not None]
     w.set_chan(outs[0], Chan(1, ids))
     _record_data(w, node, [x, outs[0]])

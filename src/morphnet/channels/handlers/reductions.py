@@ -6,7 +6,7 @@ import re
 
 from morphnet.channels.analysis import Chan, Walker, bind
 from morphnet.channels.handlers.elementwise import pointwise
-from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles
+from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 
 
 @handles(*_ops("mean", "sum", "amax", "amin", "max", "min", "var", "std", "linalg_vector_norm", "norm",
@@ -64,32 +64,14 @@ def spatial(w: Walker, node) -> None:
 
 @handles(*_ops("constant_pad_nd"))
 def pad(w: Walker, node) -> None:
+    """Padding the channel dim would add channels from code: those stay fixed."""
     x = node.tensor_inputs()[0]
-    out = node.outputs[0]
     rank = len(w.shape(x))
-    widths = bind(node)["pad"]
-    padded = {rank - 1 - i // 2 for i, p in enumerate(widths) if p != 0}
-    c = w.chan(x)
-    if c is not None:
-        if c.dim in padded:
-            w.fix(x)
-        else:
-            w.set_chan(out, c)
-    w.derive(out, x)
-    _record_data(w, node, _io(node))
+    pass_unless_along(w, node, x, {rank - 1 - i // 2 for i, p in enumerate(bind(node)["pad"]) if p != 0})
 
 
 @handles(*_ops("_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod", "_safe_softmax"))
 def softmax(w: Walker, node) -> None:
     """Normalizing along the channel dim couples all channels: they stay fixed."""
     x = node.tensor_inputs()[0]
-    out = node.outputs[0]
-    dim = bind(node)["dim"] % len(w.shape(x))
-    c = w.chan(x)
-    if c is not None:
-        if c.dim == dim:
-            w.fix(x)
-        else:
-            w.set_chan(out, c)
-    w.derive(out, x)
-    _record_data(w, node, _io(node))
+    pass_unless_along(w, node, x, [bind(node)["dim"] % len(w.shape(x))])

@@ -81,6 +81,19 @@ def leaf_types() -> tuple:
     return tuple(LEAF_HANDLERS)
 
 
+def pass_unless_along(w: Walker, node, x: int, dims) -> None:
+    """Output keeps ``x``'s channels, unless the op acts along the channel dim: then they stay fixed."""
+    out = node.outputs[0]
+    c = w.chan(x)
+    if c is not None:
+        if c.dim in dims:
+            w.fix(x)
+        else:
+            w.set_chan(out, c)
+    w.derive(out, x)
+    _record_data(w, node, _io(node))
+
+
 def handle_unknown(w: Walker, node) -> None:
     """An op with no handler: fine on channel-free tensors, an error on channel-carrying ones."""
     for v in node.tensor_inputs():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from morphnet.channels.analysis import Chan, StateView, Walker, bind, vid
-from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles
+from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 from morphnet.channels.views import (
     map_channel_through_view,
     map_state_dims_through_view,
@@ -243,34 +243,16 @@ def flip(w: Walker, node) -> None:
 def roll(w: Walker, node) -> None:
     """Rolling the channel dim depends on the width: those channels stay fixed."""
     x = node.tensor_inputs()[0]
-    out = node.outputs[0]
     rank = len(w.shape(x))
-    b = bind(node)
-    dims = [d % rank for d in (b["dims"] or [])] if b["dims"] else list(range(rank))
-    c = w.chan(x)
-    if c is not None:
-        if c.dim in dims:
-            w.fix(x)
-        else:
-            w.set_chan(out, c)
-    w.derive(out, x)
-    _record_data(w, node, _io(node))
+    dims = bind(node)["dims"]
+    pass_unless_along(w, node, x, [d % rank for d in dims] if dims else list(range(rank)))
 
 
 @handles(*_ops("index_select"))
 def index_select(w: Walker, node) -> None:
     b = bind(node)
     x = vid(b["self"])
-    out = node.outputs[0]
-    dim = b["dim"] % len(w.shape(x))
-    c = w.chan(x)
-    if c is not None:
-        if c.dim == dim:
-            w.fix(x)
-        else:
-            w.set_chan(out, c)
-    w.derive(out, x)
-    _record_data(w, node, _io(node))
+    pass_unless_along(w, node, x, [b["dim"] % len(w.shape(x))])
 
 
 @handles(*_ops("index"))
