@@ -1,9 +1,9 @@
 """Analysis time and regularization-term op count versus depth.
 
 For ResNet-18/50/101/152, DenseNet-121/201 and a synthetic chain of N conv+BN layers:
-time to build a GammaFlopsRegularizer (224x224 input for the torchvision models) and the
-number of non-view aten ops dispatched by ``get_regularization_term()`` and its backward
-(Gamma and GroupLasso). Prints a table and writes JSON (and the rows as CSV beside it).
+time to build a GammaFlopsRegularizer (median of three builds; 224x224 input for the
+torchvision models) and the number of non-view aten ops dispatched by
+``get_regularization_term()`` and its backward (Gamma and GroupLasso). Prints a table and writes JSON (and the rows as CSV beside it).
 
     python benchmarks/scaling.py [--quick] [--out benchmarks/results/scaling.json]
 """
@@ -55,9 +55,12 @@ def chain(n: int) -> nn.Module:
 
 def measure(name: str, model: nn.Module, x: torch.Tensor) -> dict:
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
-    start = time.perf_counter()
-    gamma = morphnet.GammaFlopsRegularizer(model, x, gamma_threshold=1e-2)
-    build = time.perf_counter() - start
+    builds = []
+    for _ in range(3):  # median of three builds: the first one also pays one-off warm-up costs
+        start = time.perf_counter()
+        gamma = morphnet.GammaFlopsRegularizer(model, x, gamma_threshold=1e-2)
+        builds.append(time.perf_counter() - start)
+    build = sorted(builds)[1]
     lasso = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-3)
     return {"model": name, "layers": layers, "build_s": round(build, 3), "gamma_term_ops": term_ops(gamma),
             "group_lasso_term_ops": term_ops(lasso)}
