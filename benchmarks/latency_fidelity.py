@@ -8,7 +8,8 @@ Variants of one seed network, each rebuilt with ``morphnet.apply_structure`` fro
 - every structure also rounded to multiples of 8 (``morphnet.expand_structure(..., 1.0, round_to=8)``).
 Measured: forward latency in eval mode. On CUDA (bf16 weights and inputs, channels_last): batch 1 replayed
 from a CUDA graph, and batch 256. On CPU (fp32, eager): batch 1 and batch 32. Rounds go through
-every variant in a shuffled order; a variant's latency is the median of its per-round medians.
+every variant in a shuffled order; a variant's latency is the median of its per-round medians
+(the fastest round, least disturbed on a shared machine, is reported beside it).
 Predicted: FLOPs and roofline latency (``morphnet.compute_cost``, for the measured batch size) on
 a hardware entry: the GPU's own on CUDA (``--hardware``, default H100), and on CPU an entry
 registered from this machine's measured matmul throughput and copy bandwidth.
@@ -155,7 +156,7 @@ SETTINGS = {
     "cuda": {"model": "resnet56", "data": "synthetic:20000", "batches": (1, 256), "random": 16, "learn_steps": 1500,
              "learn_batch": 128, "rounds": 5, "reps": {1: 200, 256: 20}},
     "cpu": {"model": "resnet20", "data": "synthetic:2000", "batches": (1, 32), "random": 16, "learn_steps": 150,
-            "learn_batch": 32, "rounds": 3, "reps": {1: 20, 32: 4}},
+            "learn_batch": 32, "rounds": 5, "reps": {1: 30, 32: 8}},
     "quick": {"model": "digits_cnn", "data": "digits", "batches": (1, 8), "random": 2, "learn_steps": 20,
               "learn_batch": 32, "rounds": 1, "reps": {1: 2, 8: 2}},
 }
@@ -230,26 +231,34 @@ def main() -> None:
     for v, s in zip(variants, samples):
         for b in cfg["batches"]:
             v[f"latency_ms_b{b}"] = round(1e3 * median(s[b]), 4)
+            v[f"fastest_round_ms_b{b}"] = round(1e3 * min(s[b]), 4)
+            v[f"round_spread_b{b}"] = round((max(s[b]) - min(s[b])) / median(s[b]), 4)
 
     summary = {}
     for b in cfg["batches"]:
-        measured = [v[f"latency_ms_b{b}"] for v in variants]
+        flops, roofline = [v["flops"] for v in variants], [v[f"roofline_ns_b{b}"] for v in variants]
+        measured, fastest = [v[f"latency_ms_b{b}"] for v in variants], [v[f"fastest_round_ms_b{b}"] for v in variants]
         summary[f"batch_{b}"] = {
-            "spearman_flops": round(float(spearmanr(measured, [v["flops"] for v in variants])[0]), 3),
-            "spearman_roofline": round(float(spearmanr(measured, [v[f"roofline_ns_b{b}"] for v in variants])[0]), 3),
+            "spearman_flops": round(float(spearmanr(measured, flops)[0]), 3),
+            "spearman_roofline": round(float(spearmanr(measured, roofline)[0]), 3),
+            "spearman_flops_fastest_round": round(float(spearmanr(fastest, flops)[0]), 3),
+            "spearman_roofline_fastest_round": round(float(spearmanr(fastest, roofline)[0]), 3),
             "rounding_speedup_median": _rounding_effect(variants, f"latency_ms_b{b}"),
+            "round_spread_median": round(median([v[f"round_spread_b{b}"] for v in variants]), 4),
         }
     summary["rounding_flop_ratio_median"] = _rounding_effect(variants, "flops")
     env["load_average_1m_after"] = round(os.getloadavg()[0], 2)
 
-    print(f"\n{len(variants)} variants of {cfg['model']} ({sum(v['kind'] == 'random' for v in variants)} random, "
-          f"{sum(v['kind'] == 'learned' for v in variants)} learned, {sum(v['rounded'] for v in variants)} rounded to 8) "
-          f"on {env['device_name']}")
+    kinds = {kind: sum(k == kind for k, _ in structures) for kind in ("seed", "random", "learned")}
+    print(f"\n{len(variants)} distinct variants of {cfg['model']} from {kinds['random']} random and {kinds['learned']} "
+          f"learned structures and the seed, each as is and rounded to 8, on {env['device_name']}")
     for b in cfg["batches"]:
         s = summary[f"batch_{b}"]
         print(f"batch {b:4d}: Spearman(latency, FLOPs) = {s['spearman_flops']:+.3f}   Spearman(latency, roofline on "
               f"{hardware}) = {s['spearman_roofline']:+.3f}   unrounded/rounded latency (median) = "
-              f"{s['rounding_speedup_median']}")
+              f"{s['rounding_speedup_median']}   spread over rounds (median) = {s['round_spread_median']:.1%}")
+        print(f"            fastest round instead of median: Spearman with FLOPs {s['spearman_flops_fastest_round']:+.3f}, "
+              f"with roofline {s['spearman_roofline_fastest_round']:+.3f}")
     print(f"rounded/unrounded FLOPs (median): {summary['rounding_flop_ratio_median']}")
     out = args.out or RESULTS / f"latency_fidelity_{device.type}{'_quick' if args.quick else ''}.json"
     write_results(out, {"environment": env, "settings": {**cfg, "hardware": hardware, "cpu_roofline": roofline},
