@@ -1,0 +1,71 @@
+"""Every benchmark script runs end to end in its quick mode on CPU, so none of them rots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+# script -> keys its JSON must hold
+SCRIPTS = {
+    "scaling.py": {"torch", "rows"},
+    "overhead.py": {"environment", "settings", "rows"},
+    "pareto.py": {"environment", "settings", "comparisons", "rows"},
+    "latency_fidelity.py": {"environment", "settings", "summary", "rows"},
+}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Run a script once in quick mode (CPU); returns its JSON and its output folder."""
+    cache: dict[str, tuple[dict, Path]] = {}
+
+    def run(script: str) -> tuple[dict, Path]:
+        if script not in cache:
+            out = tmp_path_factory.mktemp(script.removesuffix(".py")) / "result.json"
+            args = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
+            if script != "scaling.py":
+                args += ["--device", "cpu"]
+            done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+            assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            cache[script] = json.loads(out.read_text()), out.parent
+        return cache[script]
+
+    return run
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_runs_in_quick_mode(quick, script):
+    result, _ = quick(script)
+    assert SCRIPTS[script] <= set(result)
+    assert result["rows"]
+
+
+def test_overhead_times_every_variant_against_the_plain_step(quick):
+    result, folder = quick("overhead.py")
+    variants = {row["variant"]: row for row in result["rows"]}
+    assert {"plain", "gamma_flops", "group_lasso_flops", "per_layer_loop", "slimming_grad_injection"} <= set(variants)
+    assert variants["plain"]["ratio"] == 1.0
+    assert all(row["median_ms"] > 0 for row in result["rows"])
+    assert (folder / "result.csv").exists()
+
+
+def test_pareto_compares_every_learned_point_and_plots(quick):
+    result, folder = quick("pareto.py")
+    assert (folder / "result.png").stat().st_size > 0
+    learned = {(r["arm"], r["target"]) for r in result["rows"] if r["arm"] != "uniform" and "accuracy" in r}
+    assert learned == {(c["arm"], c["target"]) for c in result["comparisons"]}
+    assert all(r["flops"] == r["flops_counted"] for r in result["rows"] if "accuracy" in r)
+
+
+def test_latency_fidelity_correlates_both_predictions(quick):
+    result, _ = quick("latency_fidelity.py")
+    for batch in result["settings"]["batches"]:
+        summary = result["summary"][f"batch_{batch}"]
+        assert -1 <= summary["spearman_flops"] <= 1 and -1 <= summary["spearman_roofline"] <= 1
+    assert any(row["rounded"] for row in result["rows"])
