@@ -238,6 +238,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         seed, result = learn_stage(session)
+        seed = morphnet.remove_gates(seed)  # FiGS gates served structure learning; the slim net retrains without
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
         history: dict[str, Any] = {"learn": result.history}
