@@ -27,6 +27,8 @@ set with a CIFAR ResNet (``--model resnet20`` or ``resnet56``), targets as fract
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import math
 import statistics
 import tempfile
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, environment, resolve_device, setup_cpu, write_results
 from torch import nn
 
 import morphnet
@@ -47,8 +50,6 @@ from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import learn_structure
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
 from morphnet.seeds import create_seed
-
-from common import RESULTS, environment, resolve_device, setup_cpu, write_results
 
 
 @dataclass
@@ -73,7 +74,8 @@ SETTINGS = {
     "cpu": Setting(data="digits", model="digits_cnn", targets=[20e3, 40e3, 80e3, 160e3],
                    strengths={"gamma": [15, 30], "logistic-sigmoid": [3000]}, learn_steps=600, retrain_steps=600),
     # Not calibrated yet (needs a GPU): strengths carried over from the CPU setting.
-    "gpu": Setting(data="synthetic:20000", model="resnet20", targets=[0.125, 0.25, 0.5],
+    # The smallest target is a 0.25x-wide ResNet's FLOPs: the uniform arm checks the data's calibration.
+    "gpu": Setting(data="synthetic:20000", model="resnet20", targets=[0.0625, 0.125, 0.25, 0.5],
                    strengths={"gamma": [15, 30], "logistic-sigmoid": [3000]}, learn_steps=2000, retrain_steps=3000,
                    batch_size=128),
 }
@@ -169,23 +171,25 @@ def arm_label(arm: str, k: float | None) -> str:
     return arm if k is None else f"{arm} k={k:g}"
 
 
-def run(bench: Bench) -> list[dict]:
+def trained_row(bench: Bench, seed: int, arm: str, k: float | None, target: float | None, factor: float,
+                counts: dict, **extra) -> dict:
+    """Build, train and score one network; print a line and return its row."""
+    row = {"seed": seed, "arm": arm, "k": k, "target": target, "factor": round(factor, 5), **extra,
+           **bench.train_and_score(counts, seed)}
+    where = "as learned" if target is None and arm != "uniform" else f"target {target or 'seed':>8}"
+    print(f"seed {seed} {arm_label(arm, k):24s} {where:17s} {row['flops']:>10.0f} FLOPs "
+          f"acc {row['accuracy']:.4f} ({row['train_seconds']:.0f} s)", flush=True)
+    return row
+
+
+def run(bench: Bench, first_seed: int = 0) -> list[dict]:
     """Train every network of every arm for every seed; one row each."""
     s, rows = bench.s, []
-    for seed in range(s.seeds):
+    for seed in range(first_seed, first_seed + s.seeds):
         full = bench.full_counts(bench.new_seed(seed))
-
-        def add(arm: str, k: float | None, target: float | None, factor: float, counts: dict, **extra) -> None:
-            row = {"seed": seed, "arm": arm, "k": k, "target": target, "factor": round(factor, 5), **extra,
-                   **bench.train_and_score(counts, seed)}
-            rows.append(row)
-            where = "as learned" if target is None and arm != "uniform" else f"target {target or 'seed':>8}"
-            print(f"seed {seed} {arm_label(arm, k):24s} {where:17s} {row['flops']:>10.0f} FLOPs "
-                  f"acc {row['accuracy']:.4f} ({row['train_seconds']:.0f} s)", flush=True)
-
-        add("uniform", None, None, 1.0, full)
+        rows.append(trained_row(bench, seed, "uniform", None, None, 1.0, full))
         for target in bench.targets:
-            add("uniform", None, target, *bench.scale_to(full, target))
+            rows.append(trained_row(bench, seed, "uniform", None, target, *bench.scale_to(full, target)))
         for regularizer, ks in s.strengths.items():
             if regularizer not in regularizer_names():
                 print(f"skipping {regularizer}: the pipeline has no such regularizer", flush=True)
@@ -196,11 +200,13 @@ def run(bench: Bench) -> list[dict]:
                 extra = {"learned_flops": cost, "learn_seconds": round(time.perf_counter() - start, 2)}
                 if cost == 0:
                     rows.append({"seed": seed, "arm": regularizer, "k": k, "target": None, "collapsed": True, **extra})
-                    print(f"seed {seed} {arm_label(regularizer, k)}: every channel died; nothing to retrain", flush=True)
+                    print(f"seed {seed} {arm_label(regularizer, k)}: every channel died, nothing to retrain",
+                          flush=True)
                     continue
-                add(regularizer, k, None, 1.0, learned, **extra)
+                rows.append(trained_row(bench, seed, regularizer, k, None, 1.0, learned, **extra))
                 for target in bench.targets:
-                    add(regularizer, k, target, *bench.scale_to(learned, target), **extra)
+                    scaled = bench.scale_to(learned, target)
+                    rows.append(trained_row(bench, seed, regularizer, k, target, *scaled, **extra))
     return rows
 
 
@@ -215,7 +221,7 @@ def _flops_at_accuracy(curve: list[tuple[float, float]], accuracy: float) -> flo
     it is already there at its smallest point or never gets there."""
     if accuracy <= curve[0][1]:
         return None
-    for (f1, a1), (f2, a2) in zip(curve, curve[1:]):
+    for (f1, a1), (f2, a2) in itertools.pairwise(curve):
         if a1 < accuracy <= a2:
             t = (accuracy - a1) / (a2 - a1)
             return math.exp(math.log(f1) + t * (math.log(f2) - math.log(f1)))
@@ -264,7 +270,7 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], setting_name: str, bench: Bench, path: Path) -> None:
+def plot(rows: list[dict], settings: dict, path: Path) -> None:
     """Accuracy against FLOPs (log scale): each arm's mean and standard deviation over seeds."""
     import matplotlib
 
@@ -287,8 +293,9 @@ def plot(rows: list[dict], setting_name: str, bench: Bench, path: Path) -> None:
         points = sorted((math.exp(statistics.fmean(math.log(r["flops"]) for r in rs)),
                          *_mean_std([r["accuracy"] for r in rs])) for rs in levels.values())
         label = "uniform width multiplier" if arm == "uniform" else f"MorphNet {arm_label(arm, k)}, scaled"
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[0 if math.isnan(p[2]) else p[2] for p in points],
-                    marker="o", ms=4, capsize=3, lw=1.5, color=colors[(arm, k)], label=label)
+        spread = [0 if math.isnan(p[2]) else p[2] for p in points]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=spread, marker="o", ms=4, capsize=3,
+                    lw=1.5, color=colors[(arm, k)], label=label)
         learned = [r for r in mine if r["target"] is None and arm != "uniform"]
         if learned:
             m, sd = _mean_std([r["accuracy"] for r in learned])
@@ -298,14 +305,41 @@ def plot(rows: list[dict], setting_name: str, bench: Bench, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs per example (log scale)")
     ax.set_ylabel("test accuracy")
-    s = bench.s
-    ax.set_title(f"{s.model} on {s.data}: {s.seeds} seed{'s' if s.seeds > 1 else ''}, retrained {s.retrain_steps} steps "
-                 f"(mean ± std)", fontsize=10)
+    seeds = len({r["seed"] for r in trained})
+    ax.set_title(f"{settings['model']} on {settings['data']}: {seeds} seed{'s' if seeds > 1 else ''}, every network "
+                 f"retrained {settings['retrain_steps']} steps (mean ± std)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def report(comparisons: list[dict]) -> None:
+    print(f"\n{'arm':24s} {'target':>8s} {'FLOPs':>9s} {'accuracy':>15s} {'uniform':>15s} {'gap':>7s} {'2 SE':>6s} "
+          f"{'verdict':7s} {'FLOP saving':>11s}")
+    for c in comparisons:
+        saving = "-" if c["flop_saving"] is None else f"{c['flop_saving']:.1%}"
+        target = "learned" if c["target"] is None else f"{c['target']:.0f}"
+        print(f"{arm_label(c['arm'], c['k']):24s} {target:>8s} {c['flops']:9d} "
+              f"{c['accuracy_mean']:.4f}±{c['accuracy_std']:.4f} {c['uniform_accuracy_mean']:.4f}±"
+              f"{c['uniform_accuracy_std']:.4f} {c['gap']:+.4f} {2 * c['pooled_se']:6.4f} {c['verdict']:7s} "
+              f"{saving:>11s}")
+
+
+def combine(files: list[str]) -> tuple[dict, list[dict]]:
+    """Settings and rows of runs over disjoint seeds (``--first-seed``) of one setting."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    keep = ("name", "data", "model", "targets_flops", "strengths", "learn_steps", "retrain_steps", "batch_size", "lr")
+    first = runs[0]["settings"]
+    for f, run_ in zip(files, runs):
+        if any(run_["settings"][k] != first[k] for k in keep):
+            raise SystemExit(f"{f} was run with other settings than {files[0]}; only seeds may differ")
+    rows = [row for run_ in runs for row in run_["rows"]]
+    seeds = sorted({row["seed"] for row in rows})
+    if len(seeds) != sum(run_["settings"]["seeds"] for run_ in runs):
+        raise SystemExit("the runs share seeds; give each its own --first-seed")
+    return {**first, "seeds": len(seeds), "combined_from": files}, rows
 
 
 def main() -> None:
@@ -314,10 +348,13 @@ def main() -> None:
     parser.add_argument("--model", help="seed network of the gpu setting (resnet20 or resnet56)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds from this one on (to split a long run)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="no training: merge the rows of runs over disjoint seeds, compare and plot them")
     parser.add_argument("--quick", action="store_true", help="one seed, one target, a few steps (test suite)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/pareto_cpu.json or pareto_gpu_<model>.json; "
-                        "CSV and PNG beside it)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/pareto_cpu.json or "
+                                      "pareto_gpu_<model>.json; CSV and PNG beside it)")
     args = parser.parse_args()
     setup_cpu(args.threads)
     setting = SETTINGS[args.setting]
@@ -327,30 +364,27 @@ def main() -> None:
         setting = quick(setting)
     if args.seeds:
         setting = replace(setting, seeds=args.seeds)
-    device = resolve_device(args.device)
-    bench = Bench(setting, device)
-    env = environment(device)
-    print(f"{setting.model} on {setting.data} ({bench.seed_flops:.0f} FLOPs), targets "
-          f"{[round(t) for t in bench.targets]}, on {env['device_name']}", flush=True)
-    start = time.perf_counter()
-    rows = run(bench)
-    comparisons = compare(rows)
-    env["wall_seconds"] = round(time.perf_counter() - start)
-    print(f"\n{'arm':24s} {'target':>8s} {'FLOPs':>8s} {'accuracy':>15s} {'uniform':>15s} {'gap':>7s} {'2 SE':>6s} "
-          f"{'verdict':7s} {'FLOP saving':>11s}")
-    for c in comparisons:
-        saving = "-" if c["flop_saving"] is None else f"{c['flop_saving']:.1%}"
-        target = "learned" if c["target"] is None else f"{c['target']:.0f}"
-        print(f"{arm_label(c['arm'], c['k']):24s} {target:>8s} {c['flops']:8d} {c['accuracy_mean']:.4f}±{c['accuracy_std']:.4f} "
-              f"{c['uniform_accuracy_mean']:.4f}±{c['uniform_accuracy_std']:.4f} {c['gap']:+.4f} {2 * c['pooled_se']:6.4f} "
-              f"{c['verdict']:7s} {saving:>11s}")
     name = "pareto_cpu" if args.setting == "cpu" else f"pareto_gpu_{setting.model}"
     out = Path(args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json")
-    settings = {"name": args.setting, **{k: v for k, v in vars(setting).items()}, "targets_flops": bench.targets,
-                "seed_flops": bench.seed_flops}
+    if args.combine:
+        settings, rows = combine(args.combine)
+        env = {"combined": [json.loads(Path(f).read_text())["environment"] for f in args.combine]}
+    else:
+        device = resolve_device(args.device)
+        bench = Bench(setting, device)
+        env = environment(device)
+        print(f"{setting.model} on {setting.data} ({bench.seed_flops:.0f} FLOPs), targets "
+              f"{[round(t) for t in bench.targets]}, on {env['device_name']}", flush=True)
+        start = time.perf_counter()
+        rows = run(bench, args.first_seed)
+        env["wall_seconds"] = round(time.perf_counter() - start)
+        settings = {"name": args.setting, **vars(setting), "first_seed": args.first_seed,
+                    "targets_flops": bench.targets, "seed_flops": bench.seed_flops}
+    comparisons = compare(rows)
+    report(comparisons)
     write_results(out, {"environment": env, "settings": settings, "comparisons": comparisons, "rows": rows}, rows)
-    plot(rows, args.setting, bench, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name} ({env['wall_seconds']} s)")
+    plot(rows, settings, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def quick(tmp_path_factory):
             args = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
             if script != "scaling.py":
                 args += ["--device", "cpu"]
-            done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+            done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
             assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             cache[script] = json.loads(out.read_text()), out.parent
         return cache[script]
@@ -69,3 +69,25 @@ def test_latency_fidelity_correlates_both_predictions(quick):
         summary = result["summary"][f"batch_{batch}"]
         assert -1 <= summary["spearman_flops"] <= 1 and -1 <= summary["spearman_roofline"] <= 1
     assert any(row["rounded"] for row in result["rows"])
+
+
+def test_pareto_combines_runs_over_disjoint_seeds(quick, tmp_path):
+    result, _ = quick("pareto.py")
+    other = json.loads(json.dumps(result))
+    for row in other["rows"]:
+        row["seed"] += 1
+        if "accuracy" in row:
+            row["accuracy"] = min(1.0, row["accuracy"] + 0.01)
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(result))
+    second.write_text(json.dumps(other))
+    out = tmp_path / "combined.json"
+    args = [sys.executable, str(BENCHMARKS / "pareto.py"), "--combine", str(first), str(second), "--out", str(out)]
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    combined = json.loads(out.read_text())
+    assert combined["settings"]["seeds"] == 2
+    assert all(c["seeds"] == 2 and c["verdict"] in {"win", "loss", "tie"} for c in combined["comparisons"])
+    again = subprocess.run(args[:-4] + [str(first), str(first), "--out", str(out)], check=False,
+                           capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert again.returncode != 0 and "share seeds" in again.stderr
