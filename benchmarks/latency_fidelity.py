@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import RESULTS, environment, median, resolve_device, setup_cpu, synchronize, write_results
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -41,8 +42,6 @@ from morphnet.pipeline import RunConfig
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import learn_structure
 from morphnet.seeds import create_seed
-
-from common import RESULTS, environment, median, resolve_device, setup_cpu, synchronize, write_results
 
 CPU_HARDWARE = "bench-cpu"
 
@@ -257,8 +256,8 @@ def main() -> None:
         print(f"batch {b:4d}: Spearman(latency, FLOPs) = {s['spearman_flops']:+.3f}   Spearman(latency, roofline on "
               f"{hardware}) = {s['spearman_roofline']:+.3f}   unrounded/rounded latency (median) = "
               f"{s['rounding_speedup_median']}   spread over rounds (median) = {s['round_spread_median']:.1%}")
-        print(f"            fastest round instead of median: Spearman with FLOPs {s['spearman_flops_fastest_round']:+.3f}, "
-              f"with roofline {s['spearman_roofline_fastest_round']:+.3f}")
+        print(f"            fastest round instead of median: Spearman with FLOPs "
+              f"{s['spearman_flops_fastest_round']:+.3f}, with roofline {s['spearman_roofline_fastest_round']:+.3f}")
     print(f"rounded/unrounded FLOPs (median): {summary['rounding_flop_ratio_median']}")
     out = args.out or RESULTS / f"latency_fidelity_{device.type}{'_quick' if args.quick else ''}.json"
     write_results(out, {"environment": env, "settings": {**cfg, "hardware": hardware, "cpu_roofline": roofline},

@@ -27,18 +27,17 @@ import argparse
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, environment, median, quartiles, resolve_device, setup_cpu, synchronize, write_results
+from scaling import OpCounter
 from torch import nn
 
 import morphnet
 from morphnet.seeds import create_seed
-
-from common import RESULTS, environment, median, quartiles, resolve_device, setup_cpu, synchronize, write_results
-from scaling import OpCounter
 
 
 @dataclass
@@ -315,9 +314,9 @@ def main() -> None:
             if r["model"] == case.model:
                 alone = ("-", "-") if r["isolated_ms"] is None else (f"{r['isolated_ms']:.3f}",
                                                                      f"{r['isolated_pct_of_step']:.2f}")
-                print(f"{r['variant']:26s} {r['median_ms']:10.2f} {r['q1_ms']:7.2f}-{r['q3_ms']:<7.2f} {r['ratio']:7.3f} "
-                      f"{r['round_ratio_q1']:7.3f}-{r['round_ratio_q3']:<7.3f} {alone[0]:>9s} {alone[1]:>8s} "
-                      f"{r['extra_ops']:9d}", flush=True)
+                print(f"{r['variant']:26s} {r['median_ms']:10.2f} {r['q1_ms']:7.2f}-{r['q3_ms']:<7.2f} "
+                      f"{r['ratio']:7.3f} {r['round_ratio_q1']:7.3f}-{r['round_ratio_q3']:<7.3f} "
+                      f"{alone[0]:>9s} {alone[1]:>8s} {r['extra_ops']:9d}", flush=True)
     env["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     out = args.out or RESULTS / f"overhead_{device.type}{'_quick' if args.quick else ''}.json"
     settings = {"warmup": warmup, "rounds": rounds, "steps_per_round": steps,

@@ -3,7 +3,8 @@
 For ResNet-18/50/101/152, DenseNet-121/201 and a synthetic chain of N conv+BN layers:
 time to build a GammaFlopsRegularizer (median of three builds; 224x224 input for the
 torchvision models) and the number of non-view aten ops dispatched by
-``get_regularization_term()`` and its backward (Gamma and GroupLasso). Prints a table and writes JSON (and the rows as CSV beside it).
+``get_regularization_term()`` and its backward (Gamma and GroupLasso). Prints a table and
+writes JSON (and the rows as CSV beside it).
 
     python benchmarks/scaling.py [--quick] [--out benchmarks/results/scaling.json]
 """
@@ -17,12 +18,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import environment, write_results
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import morphnet
-
-from common import environment, write_results
 
 
 class OpCounter(TorchDispatchMode):
