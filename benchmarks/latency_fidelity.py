@@ -178,11 +178,12 @@ def main() -> None:
         cfg["model"] = args.model
     env = environment(device)
     if device.type == "cuda":
-        hardware, roofline = args.hardware, None
+        hardware, measured_entry = args.hardware, None
     else:
         peak, bandwidth = measure_cpu_roofline(args.threads)
         morphnet.register_hardware(CPU_HARDWARE, peak, bandwidth, overwrite=True)
-        hardware, roofline = CPU_HARDWARE, {"peak_gflops": round(peak, 1), "bandwidth_gbps": round(bandwidth, 1)}
+        hardware = CPU_HARDWARE
+        measured_entry = {"peak_gflops": round(peak, 1), "bandwidth_gbps": round(bandwidth, 1)}
         print(f"{CPU_HARDWARE}: measured {peak:.0f} GFLOP/s (fp32 matmul) and {bandwidth:.1f} GB/s (copy) "
               f"with {args.threads} thread(s)", flush=True)
 
@@ -260,7 +261,7 @@ def main() -> None:
               f"{s['spearman_flops_fastest_round']:+.3f}, with roofline {s['spearman_roofline_fastest_round']:+.3f}")
     print(f"rounded/unrounded FLOPs (median): {summary['rounding_flop_ratio_median']}")
     out = args.out or RESULTS / f"latency_fidelity_{device.type}{'_quick' if args.quick else ''}.json"
-    write_results(out, {"environment": env, "settings": {**cfg, "hardware": hardware, "cpu_roofline": roofline},
+    write_results(out, {"environment": env, "settings": {**cfg, "hardware": hardware, "cpu_hardware_entry": measured_entry},
                         "summary": summary, "rows": variants}, variants)
     print(f"wrote {out}")
 
