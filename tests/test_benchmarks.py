@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # script -> keys its JSON must hold
 SCRIPTS = {
     "scaling.py": {"torch", "rows"},
+    "zoo_costs.py": {"torch", "torchvision", "rows"},
     "overhead.py": {"environment", "settings", "rows"},
     "pareto.py": {"environment", "settings", "comparisons", "rows"},
     "latency_fidelity.py": {"environment", "settings", "summary", "rows"},
@@ -28,8 +29,12 @@ def quick(tmp_path_factory):
     def run(script: str) -> tuple[dict, Path]:
         if script not in cache:
             out = tmp_path_factory.mktemp(script.removesuffix(".py")) / "result.json"
-            args = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
-            if script != "scaling.py":
+            args = [sys.executable, str(BENCHMARKS / script), "--out", str(out)]
+            if script == "zoo_costs.py":  # its quick form: two models instead of all of torchvision's
+                args += ["resnet18", "mobilenet_v2"]
+            else:
+                args.append("--quick")
+            if script not in ("scaling.py", "zoo_costs.py"):
                 args += ["--device", "cpu"]
             done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
             assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -91,3 +96,14 @@ def test_pareto_combines_runs_over_disjoint_seeds(quick, tmp_path):
     again = subprocess.run(args[:-4] + [str(first), str(first), "--out", str(out)], check=False,
                            capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
     assert again.returncode != 0 and "share seeds" in again.stderr
+
+
+def test_zoo_costs_match_flop_counter(quick):
+    result, _ = quick("zoo_costs.py")
+    assert [row["model"] for row in result["rows"]] == ["resnet18", "mobilenet_v2"]
+    assert all(row["exact"] for row in result["rows"])
+
+
+def test_every_benchmark_script_is_covered():
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {"common.py"}
+    assert scripts == set(SCRIPTS), "add new benchmark scripts to SCRIPTS so their quick mode runs in CI"
