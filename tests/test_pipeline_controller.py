@@ -62,3 +62,21 @@ def test_controller_lands_a_lagging_irreversible_plant_on_the_target():
     chosen = select_candidate(candidates, target, 0.05)
     assert abs(chosen.cost / target - 1) <= 0.05
     assert chosen.step > steps // 2
+
+
+def test_controller_does_not_run_away_when_strong_pushes_revive_channels():
+    """Past some strength the scales oscillate around zero and count as alive again: the cost
+    rises with the strength. The controller must stop pushing instead of chasing it upwards."""
+    cliff = 30.0  # strengths beyond this (x initial) make every channel count as alive
+
+    def plant(strength):
+        return 100.0 if strength > cliff else 100.0 / (1.0 + strength)
+
+    c = StrengthController(target=0.5, seed_cost=100.0, initial_strength=1.0, ramp_steps=50)
+    strength, peak = 1.0, 0.0
+    for step in range(1, 400):
+        strength = c.update(step, plant(strength))
+        peak = max(peak, strength)
+    assert strength <= cliff  # it settled at the strongest push that still lowered the cost
+    assert plant(strength) < 10.0
+    assert peak < 1000.0

@@ -10,8 +10,10 @@ cost approaches the target from above with little overshoot.
 
 The law is proportional-integral on log(strength), driven by log(cost / reference): scale free
 (the same gains serve FLOPs, weights or nanoseconds); the strong proportional part cuts the
-strength at once when the cost falls below the reference, the integral finds the strength that
-keeps channels dying at the reference's pace. The pipeline then keeps the latest recorded structure
+strength at once when the cost falls below the reference (it never pushes up), the integral finds
+the strength that keeps channels dying at the reference's pace, capped at 1000x the initial
+strength: beyond some strength the scales oscillate around zero and count as alive again, and a
+controller that kept pushing would run away. The pipeline then keeps the latest recorded structure
 within 1% of the target (else within tolerance, else the closest) and can close the residual with a
 uniform width multiplier.
 """
@@ -28,7 +30,9 @@ class StrengthController:
 
     ``reference`` goes from ``seed_cost`` at step 0 to ``target`` at ``ramp_steps`` (geometric),
     then stays at ``target``. Below the reference the integral moves ``undershoot_gain`` times
-    faster: a dead channel rarely revives, so stopping deaths matters more than speeding them up. ``update(step, cost)`` returns the strength for the next step.
+    faster: a dead channel rarely revives, so stopping deaths matters more than speeding them up.
+    The strength rises only through the integral and at most to ``exp(raise_limit)`` times the
+    initial strength. ``update(step, cost)`` returns the strength for the next step.
     """
 
     target: float
@@ -39,7 +43,10 @@ class StrengthController:
     ki: float = 0.02
     undershoot_gain: float = 5.0
     integral_limit: float = 10.0
+    raise_limit: float = math.log(1000.0)  # at most 1000x the initial strength
     integral: float = field(default=0.0, init=False)
+    best_cost: float = field(default=math.inf, init=False)
+    best_level: float = field(default=0.0, init=False)
     strength: float = field(default=0.0, init=False)
 
     def __post_init__(self):
@@ -53,11 +60,19 @@ class StrengthController:
         return self.seed_cost * (self.target / self.seed_cost) ** progress
 
     def update(self, step: int, cost: float) -> float:
+        level = math.log(self.strength / self.initial_strength)
+        if cost < self.best_cost:
+            self.best_cost, self.best_level = cost, level
+        elif cost > 1.5 * self.best_cost and level > self.best_level:
+            # the cost rose again under a stronger push: past the point where scales oscillate
+            # around zero and count as alive. Never push beyond the strength of the lowest cost.
+            self.raise_limit = min(self.raise_limit, self.best_level)
         error = math.log(max(cost, 1e-12) / self.reference(step))
-        limit = self.integral_limit
         gain = self.ki * (self.undershoot_gain if error < 0 else 1.0)
-        self.integral = max(-limit, min(limit, self.integral + gain * error))
-        self.strength = self.initial_strength * math.exp(self.integral + self.kp * error)
+        self.integral = max(-self.integral_limit, min(self.raise_limit, self.integral + gain * error))
+        # The proportional part only cuts: above some strength the scales oscillate around zero and
+        # count as alive again, so a strong push up on a high cost would run away (cost up, push harder).
+        self.strength = self.initial_strength * math.exp(self.integral + self.kp * min(error, 0.0))
         return self.strength
 
 
