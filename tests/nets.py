@@ -58,6 +58,17 @@ class ResidualNet(nn.Module):
 LAYER_OPS = ("convolution", "addmm", "mm")
 
 
+def random_dead_groups(reg, seed: int = 0, fraction: float = 0.25):
+    """A random ``fraction`` of the regularized channel groups of ``reg``, as a bool mask over groups."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    candidates = np.nonzero(reg.grouping.regularized)[0]
+    dead = np.zeros(reg.analysis.num_groups, dtype=bool)
+    dead[rng.choice(candidates, int(len(candidates) * fraction), replace=False)] = True
+    return dead, rng
+
+
 def counted_flops(model: nn.Module, *inputs) -> int:
     """FLOPs per example of the conv and linear ops that FlopCounterMode counts (eval mode)."""
     was = model.training

@@ -1,6 +1,5 @@
 """LogisticSigmoid (FiGS) regularizers: golden costs, probabilistic grouping, alive rule, gradients, rebuild."""
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -8,7 +7,7 @@ from torch import nn
 
 import morphnet
 from morphnet.gates import gated_modules
-from nets import ConcatNet, ResidualNet, counted_flops
+from nets import ConcatNet, ResidualNet, counted_flops, random_dead_groups
 
 X_CONCAT = torch.zeros(1, 3, 17, 19)
 ON = {"bn1": 7, "bn2": 11, "bn3": 10, "bn4": 17}
@@ -176,10 +175,7 @@ ZOO = [("resnet18", lambda: torchvision.models.resnet18(num_classes=10)),
 def learned_gates(model, reg, seed=0):
     """A stand-in for gated learning: a random quarter of the groups off everywhere, other gates random."""
     a = reg.analysis
-    rng = np.random.default_rng(seed)
-    candidates = np.nonzero(reg.grouping.regularized)[0]
-    dead = np.zeros(a.num_groups, dtype=bool)
-    dead[rng.choice(candidates, len(candidates) // 4, replace=False)] = True
+    dead, rng = random_dead_groups(reg, seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, gate in zip(reg.source.names, reg.source.gates):

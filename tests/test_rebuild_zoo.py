@@ -7,13 +7,12 @@ computes the same outputs, that ``FlopCounterMode`` counts what ``get_cost()`` p
 that something was pruned.
 """
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 
 import morphnet
-from nets import counted_flops
+from nets import counted_flops, random_dead_groups
 
 # (name, input size, source, extra constructor arguments)
 ZOO = [
@@ -49,10 +48,7 @@ def build(name, **kwargs):
 def kill_quarter(model, reg, source, seed=0):
     """Make a random quarter of the regularized groups exactly zero; return the dead mask."""
     a = reg.analysis
-    rng = np.random.default_rng(seed)
-    candidates = np.nonzero(reg.grouping.regularized)[0]
-    dead = np.zeros(a.num_groups, dtype=bool)
-    dead[rng.choice(candidates, len(candidates) // 4, replace=False)] = True
+    dead, rng = random_dead_groups(reg, seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         if source == "gamma":
