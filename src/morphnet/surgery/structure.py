@@ -25,7 +25,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from morphnet.channels import ChannelAnalysis, analyze_model
