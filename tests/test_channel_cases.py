@@ -169,7 +169,8 @@ def test_attention_projections_are_fixed_and_the_mlp_is_prunable():
     x = torch.randn(2, 7, 6)
     reg = morphnet.GroupLassoFlopsRegularizer(net, x, threshold=0.0)
     assert reg.get_cost().item() == counted_flops(net, x)
-    assert morphnet.GroupLassoModelSizeRegularizer(net, x, threshold=0.0).get_cost().item() == weight_count(net)
+    assert morphnet.compute_cost(net, x, "size") == weight_count(net)
+    assert morphnet.compute_cost(net, x, "flops") == counted_flops(net, x)
     assert set(morphnet.StructureExporter(reg).get_alive_counts()) == {"fc1"}
 
 
@@ -418,3 +419,32 @@ def test_module_with_two_weights_exports_its_first():
 
     reg = morphnet.GroupLassoFlopsRegularizer(TwoWeights(), torch.randn(1, 3, 4, 4), threshold=0.0)
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"": 5}
+
+
+def test_repeat_along_channels_tiles_their_ids():
+    class Repeat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.conv(x).repeat(1, 2, 1, 1))
+
+    reg = morphnet.GroupLassoFlopsRegularizer(Repeat(), torch.randn(1, 3, 4, 4), threshold=0.0)
+    head_in = reg.analysis.group_of[reg.analysis.weights["head.weight"].in_ids]
+    assert list(head_in) == list(np.tile(_groups(reg, "conv"), 2))
+
+
+def test_standardized_conv_weight_counts_in_size_and_keeps_its_width():
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                         training=True, momentum=0.0).reshape_as(self.weight)
+            return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), StdConv(6, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 2, 1))
+    x = torch.randn(1, 3, 4, 4)
+    assert morphnet.compute_cost(net, x, "size") == weight_count(net)
+    assert morphnet.compute_cost(net, x, "flops") == counted_flops(net, x)
+    with pytest.raises(ValueError, match="nothing to regularize"):  # everything touches the computed weight
+        morphnet.GroupLassoFlopsRegularizer(net, x, threshold=0.0)

@@ -44,6 +44,10 @@ def convolution(w: Walker, node) -> None:
         w.make_opaque(wt)
         out_ids = w.elements.new(out_ch, fixed=True)
         weight_name = None
+        source = [n for n in w.states_in(wt) if w.graph.state_shapes.get(n) == tuple(wshape)]
+        if len(source) == 1 and source[0] not in w.weights:  # counted in model size, never pruned
+            w.weights[source[0]] = WeightInfo(_owner(source[0]), source[0], 1 if transposed else 0, out_ids,
+                                              w.need_chan(x, 1), kernel, g, depthwise)
     else:
         weight_name = sv.name
         if depthwise:

@@ -21,7 +21,10 @@ def batch_norm(w: Walker, node) -> None:
     """Per-channel statistics: channels pass through; the scale (gamma) is a MorphNet source."""
     b = bind(node)
     x = vid(b["input"])
+    computed = w.chan(x) is None and bool(w.states_in(x))  # e.g. weight standardization of a conv weight
     ids = w.need_chan(x, 1) if len(w.shape(x)) > 1 else w.need_chan(x, 0)
+    if computed:
+        w.derive(node.outputs[0], x)
     for key in ("weight", "bias", "running_mean", "running_var"):
         v = vid(b.get(key))
         if w.align_value(v, ids) and key == "weight":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from morphnet.channels.analysis import Chan, StateView, Walker, bind, vid
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 from morphnet.channels.views import (
@@ -280,4 +282,18 @@ def index(w: Walker, node) -> None:
             else:
                 w.fix(x)
     w.derive(out, *node.tensor_inputs())
+    _record_data(w, node, _io(node))
+
+
+@handles(*_ops("repeat"))
+def repeat(w: Walker, node) -> None:
+    """Tiling: repeating the channel dim r times repeats every channel's id r times (exact)."""
+    x = node.tensor_inputs()[0]
+    out = node.outputs[0]
+    repeats = list(bind(node)["repeats"])
+    shift = len(repeats) - len(w.shape(x))
+    c = w.chan(x)
+    if c is not None:
+        w.set_chan(out, Chan(c.dim + shift, np.tile(c.ids, repeats[c.dim + shift])))
+    w.derive(out, x)
     _record_data(w, node, _io(node))
