@@ -5,6 +5,9 @@ equal what FlopCounterMode counts for the convolution and linear ops of one exam
 MHA fast path off), and the model-size cost must equal the conv + linear weight count.
 
     python benchmarks/zoo_costs.py [NAME ...] [--out benchmarks/results/zoo_costs.json]
+
+Names are torchvision models, or ``timm:NAME`` for timm models (randomly initialized; needs
+``pip install timm``; transformers and MLP mixers get 224x224 inputs).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from nets import counted_flops, weight_count  # noqa: E402
 
 
+_TOKEN_MODELS = ("vit", "deit", "swin", "maxvit", "beit", "mixer", "coat", "levit", "eva", "former", "xcit", "cait",
+                 "pit", "mlp", "crossvit")
+
+
 def input_size(name: str) -> int:
-    if name.startswith(("vit", "swin", "maxvit")):
+    if any(k in name for k in _TOKEN_MODELS):
         return 224
     return 299 if name.startswith("inception") else 64
 
@@ -34,7 +41,12 @@ def check(name: str) -> dict:
     kwargs = {"num_classes": 10}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=True, init_weights=False)
-    model = torchvision.models.get_model(name, **kwargs)
+    if name.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(name[len("timm:"):], pretrained=False, num_classes=10)
+    else:
+        model = torchvision.models.get_model(name, **kwargs)
     x = torch.randn(1, 3, input_size(name), input_size(name))
     start = time.perf_counter()
     flops = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=0.0)
