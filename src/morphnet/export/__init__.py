@@ -1,5 +1,5 @@
 """Stage 6a: export learned structures (alive counts) as JSON."""
 
-from morphnet.export.exporter import StructureExporter, load_alive_counts
+from morphnet.export.exporter import StructureExporter, atomic_write, load_alive_counts, write_json
 
-__all__ = ["StructureExporter", "load_alive_counts"]
+__all__ = ["StructureExporter", "atomic_write", "load_alive_counts", "write_json"]

@@ -30,27 +30,33 @@ class StructureExporter:
         return dict(sorted(counts.items()))
 
     def save_alive_counts(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        _atomic_write_json(path, self.get_alive_counts())
-        return path
+        return write_json(path, self.get_alive_counts())
 
     def create_file_and_save_alive_counts(self, base_dir: str | os.PathLike, global_step: int) -> Path:
         path = Path(base_dir) / "learned_structure" / f"alive_{int(global_step)}.json"
         return self.save_alive_counts(path)
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
+def atomic_write(path: str | os.PathLike, write, *, binary: bool = False) -> Path:
+    """Write a file through a temporary file in its folder, then rename: never half-written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """JSON with keys sorted, indent 2 and a final newline (the structure file format), atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def load_alive_counts(path: str | os.PathLike) -> dict[str, int]:

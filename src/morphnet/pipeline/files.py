@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from morphnet.export import atomic_write, write_json
+
+__all__ = ["atomic_write", "write_json", "read_json", "save_checkpoint", "structure_path", "latest_structure"]
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -19,33 +21,13 @@ SLIM = "slim"
 TENSORBOARD = "tensorboard"
 
 
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON with sorted keys, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return _atomic(path, lambda handle: handle.write(text.encode()))
-
-
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
     """``torch.save`` a dict of tensors and numbers, atomically."""
-    return _atomic(path, lambda handle: torch.save(state, handle))
+    return atomic_write(path, lambda handle: torch.save(state, handle), binary=True)
 
 
 def structure_path(run_dir: Path, step: int) -> Path:

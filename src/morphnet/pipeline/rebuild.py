@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 import morphnet
-from morphnet.pipeline import files
+from morphnet.export import load_alive_counts
 
 # Resources that ``morphnet.find_width_multiplier`` can aim at.
 EXPANDABLE = ("flops", "size", "latency")
@@ -26,13 +26,9 @@ class Rebuilt:
 
 def load_structure(path: str | Path) -> dict[str, int]:
     """Alive counts from an exporter JSON file, with a clear error when it is missing or wrong."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"structure file '{path}' does not exist; run `morphnet learn --out DIR` first")
-    counts = files.read_json(path)
-    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
-        raise ValueError(f"'{path}' is not an alive-count file (a JSON object of layer name -> integer)")
-    return counts
+    return load_alive_counts(path)
 
 
 def rebuild(

@@ -8,16 +8,14 @@ loads the weights, so no code is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from morphnet.export import load_alive_counts
+from morphnet.export import atomic_write, load_alive_counts, write_json
 from morphnet.regularizers import NetworkRegularizer
 from morphnet.surgery.rebuild import apply_structure
 
@@ -39,8 +37,8 @@ def save_slim(path_dir: str | os.PathLike, slim_model: nn.Module, structure) -> 
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in slim_model.state_dict().items()}
-    _atomic(path / WEIGHTS_FILE, lambda f: torch.save(state, f), binary=True)
-    _atomic(path / STRUCTURE_FILE, lambda f: f.write(json.dumps(dict(sorted(counts.items())), indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_FILE, lambda f: torch.save(state, f), binary=True)
+    write_json(path / STRUCTURE_FILE, counts)
     return path
 
 
@@ -67,14 +65,3 @@ def load_slim(seed_constructor: Callable[[], nn.Module], path_dir: str | os.Path
                          f"{path / STRUCTURE_FILE} build; was it saved from this seed? ({e})") from e
     return slim
 
-
-def _atomic(path: Path, write, binary: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
