@@ -37,8 +37,6 @@ class Value:
     dtype: torch.dtype
     stride: tuple[int, ...] = ()
     state_name: str | None = None  # parameter or buffer name when the tensor is model state
-    is_parameter: bool = False
-    is_input: bool = False
     producer: int | None = None  # index of the OpNode that made it
 
 
@@ -148,7 +146,7 @@ class _ModuleStack:
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, graph: Graph, state_ids: dict[int, tuple[str, bool]], modules: _ModuleStack):
+    def __init__(self, graph: Graph, state_ids: dict[int, str], modules: _ModuleStack):
         super().__init__()
         self.graph = graph
         self.state_ids = state_ids
@@ -168,7 +166,7 @@ class _Recorder(TorchDispatchMode):
         if idx is None:
             state = self.state_ids.get(id(t))
             if state is not None:
-                idx = self.new_value(t, state_name=state[0], is_parameter=state[1])
+                idx = self.new_value(t, state_name=state)
             else:  # a tensor created outside the recorded run (a constant attribute)
                 idx = self.new_value(t)
         return ValueRef(idx)
@@ -272,7 +270,7 @@ def _run(model: nn.Module, inputs: tuple, graph: Graph, state_ids, state: dict |
     try:
         for x in pytree.tree_leaves(inputs):
             if isinstance(x, torch.Tensor):
-                graph.inputs.append(recorder.new_value(x, is_input=True))
+                graph.inputs.append(recorder.new_value(x))
         with torch.no_grad(), recorder:
             out = _forward(model, inputs, state)
         graph.outputs = [recorder.value_of[id(t)] if id(t) in recorder.value_of else recorder.ref(t).index
@@ -333,9 +331,9 @@ def _record(model: nn.Module, inputs: tuple, state: dict | None, info: dict, lea
     """Record in training mode (retrying at batch 2 when BatchNorm needs it), then find eval modules."""
     source = state if state is not None else dict(
         list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)))
-    state_ids: dict[int, tuple[str, bool]] = {}
+    state_ids: dict[int, str] = {}
     for n, t in source.items():
-        state_ids.setdefault(id(t), (n, n in info["parameters"]))
+        state_ids.setdefault(id(t), n)
     model.train()
     graph = Graph(**info)
     try:

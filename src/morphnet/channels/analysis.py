@@ -11,7 +11,7 @@ Ops with unknown channel semantics that touch channel-carrying tensors raise
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -105,14 +105,10 @@ class ChannelAnalysis:
     data_ops: list[DataOp]
     module_out_ids: dict[str, np.ndarray]  # conv / linear / BN module -> output elements
     blacklisted_group: np.ndarray
-    notes: list[str] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
         return self.graph.batch_size
-
-    def groups(self, ids: np.ndarray) -> np.ndarray:
-        return self.group_of[ids]
 
 
 def _norm_names(items, model: nn.Module | None, what: str) -> list[str]:

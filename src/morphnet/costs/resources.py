@@ -39,7 +39,6 @@ class CostProgram:
 
     sets: list[np.ndarray] = field(default_factory=list)
     layer_modules: list[str] = field(default_factory=list)
-    layer_names: list[str] = field(default_factory=list)
     bilinear: list[tuple[int, int, float, int, int]] = field(default_factory=list)  # layer, kind, c, x, y
     linear: list[tuple[int, int, float, int, int]] = field(default_factory=list)  # layer, kind, c, x, z
     const: list[tuple[int, int, float]] = field(default_factory=list)  # layer, kind, c
@@ -56,9 +55,9 @@ class CostProgram:
             self.sets.append(ids)
         return self._set_ids[key][0]
 
-    def layer(self, module: str, name: str) -> int:
+    def layer(self, module: str) -> int:
+        """A new layer (op) of ``module``; costs and terms are bucketed per layer."""
         self.layer_modules.append(module)
-        self.layer_names.append(name)
         return len(self.layer_modules) - 1
 
 
@@ -69,7 +68,7 @@ def _inference_calls(a: ChannelAnalysis):
 
 def _flops(p: CostProgram, a: ChannelAnalysis, layer_of=None, scale: float = 1.0) -> None:
     for call in _inference_calls(a):
-        li = layer_of(call) if layer_of else p.layer(call.module, f"{call.kind}:{call.weight}")
+        li = layer_of(call) if layer_of else p.layer(call.module)
         x, y = p.set_of(call.in_ids), p.set_of(call.out_ids)
         if call.depthwise:
             p.linear.append((li, COMPUTE, call.flop_coef * scale, y, x))
@@ -79,7 +78,7 @@ def _flops(p: CostProgram, a: ChannelAnalysis, layer_of=None, scale: float = 1.0
 
 def _size(p: CostProgram, a: ChannelAnalysis) -> None:
     for wi in a.weights.values():
-        li = p.layer(wi.module, f"weight:{wi.name}")
+        li = p.layer(wi.module)
         x, y = p.set_of(wi.in_ids), p.set_of(wi.out_ids)
         if wi.depthwise:
             p.linear.append((li, COMPUTE, float(wi.kernel), y, x))
@@ -89,7 +88,7 @@ def _size(p: CostProgram, a: ChannelAnalysis) -> None:
 
 def _activations(p: CostProgram, a: ChannelAnalysis) -> None:
     for call in _inference_calls(a):
-        li = p.layer(call.module, f"{call.kind}:{call.weight}")
+        li = p.layer(call.module)
         p.linear.append((li, COMPUTE, 1.0, p.set_of(call.out_ids), -1))
 
 
@@ -108,7 +107,7 @@ def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, l
     for op in a.data_ops:
         if a.graph.training_only(op.module) or _is_dropout(a.graph.module_types.get(op.module)):
             continue
-        li = p.layer(op.module, op.name)
+        li = p.layer(op.module)
         for use in op.uses:
             if use.ids is None:
                 p.const.append((li, MEMORY, b * batch_size * use.numel))
@@ -127,7 +126,7 @@ def _layer_per_call(p: CostProgram):
 
     def layer_of(call):
         if call.node not in cache:
-            cache[call.node] = p.layer(call.module, f"{call.kind}:{call.weight}")
+            cache[call.node] = p.layer(call.module)
         return cache[call.node]
     return layer_of
 
