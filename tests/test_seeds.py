@@ -10,6 +10,7 @@ from morphnet.seeds import SeedError, create_seed, list_seeds, register_seed
 
 @pytest.mark.parametrize("name, shape, params", [
     ("digits_cnn", (2, 1, 8, 8), 131_178),
+    ("resnet14", (2, 3, 16, 16), 175_258),
     ("resnet20", (2, 3, 32, 32), 272_474),
     ("resnet56", (2, 3, 32, 32), 855_770),
 ])

@@ -58,6 +58,12 @@ class CifarResNet(nn.Module):
 
 
 @register_seed
+def resnet14(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """CIFAR ResNet-14 (0.18M parameters, 53 MFLOPs at 32x32, 13 MFLOPs at 16x16): the CPU benchmark's seed."""
+    return CifarResNet(14, num_classes, in_channels, width)
+
+
+@register_seed
 def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     """CIFAR ResNet-20 (0.27M parameters, 82 MFLOPs = 41M multiply-adds at 32x32)."""
     return CifarResNet(20, num_classes, in_channels, width)
