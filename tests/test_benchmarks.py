@@ -17,6 +17,7 @@ SCRIPTS = {
     "zoo_costs.py": {"torch", "torchvision", "rows"},
     "overhead.py": {"environment", "settings", "rows"},
     "pareto.py": {"environment", "settings", "comparisons", "rows"},
+    "budgets.py": {"environment", "setting", "table", "morphnet_by_validation", "rows"},
     "latency_fidelity.py": {"environment", "settings", "summary", "rows"},
 }
 
@@ -96,6 +97,51 @@ def test_pareto_combines_runs_over_disjoint_seeds(quick, tmp_path):
     again = subprocess.run(args[:-4] + [str(first), str(first), "--out", str(out)], check=False,
                            capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
     assert again.returncode != 0 and "share seeds" in again.stderr
+
+
+def test_budgets_phases_resume_compare_and_combine(quick, tmp_path):
+    """The budget benchmark: every phase runs on the rows of the last, a rerun trains nothing, the test
+    split is never read by calibration, and runs over disjoint seeds merge (shared seeds refused)."""
+    result, folder = quick("budgets.py")
+    prefix = folder / "result"
+    arms = {(r["arm"], r["budget"]) for r in result["rows"]}
+    assert {("uniform", None), ("uniform", 0.25), ("at-budget", 0.25), ("shrink-expand", 0.25),
+            ("expand-full", 1.0), ("learn:gamma", 0.125), ("learn:gamma", 0.25)} <= arms
+    trained = [r for r in result["rows"] if "test" in r]
+    assert all(r["flops"] == r["flops_counted"] for r in trained)
+    assert all(abs(r["flops_fraction"] - 0.25) <= 0.0025 for r in trained if r["budget"] == 0.25)
+
+    def phase(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "budgets.py"), "--quick", "--device", "cpu",
+                               "--out", str(prefix), *args], check=False, capture_output=True, text=True,
+                              timeout=300, cwd=BENCHMARKS.parent)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    lines = (folder / "result.jsonl").read_text().splitlines()
+    phase("--phase", "core")
+    assert (folder / "result.jsonl").read_text().splitlines() == lines  # resumed: nothing trained again
+    for name in ("calibrate", "ablation", "finetune"):
+        phase("--phase", name)
+    rows = [json.loads(line) for line in (folder / "result.jsonl").read_text().splitlines()]
+    assert {"calibration", "unweighted", "finetune", "uniform-long"} <= {r["arm"] for r in rows}
+    assert all("test" not in r for r in rows if r["arm"] == "calibration")
+    combined = json.loads(prefix.with_suffix(".json").read_text())
+    assert {(t["arm"], t["reference"]) for t in combined["table"]} >= {("finetune", "uniform-long"),
+                                                                      ("unweighted", "uniform")}
+    shifted = tmp_path / "shifted.jsonl"
+    shifted.write_text("".join(json.dumps({**r, "seed": r["seed"] + 1}) + "\n" for r in rows))
+    out = tmp_path / "both"
+    args = [sys.executable, str(BENCHMARKS / "budgets.py"), "--combine", str(folder / "result.jsonl"), str(shifted),
+            "--out", str(out)]
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    both = json.loads(out.with_suffix(".json").read_text())
+    assert all(t["seeds"] == 2 and t["verdict"] in {"win", "loss", "tie"} for t in both["table"])
+    assert set(both["morphnet_by_validation"]) == {"0.25"}
+    again = subprocess.run(args[:-3] + [str(shifted), str(shifted), "--out", str(out)], check=False,
+                           capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert again.returncode != 0 and "disjoint seeds" in again.stderr
 
 
 def test_zoo_costs_match_flop_counter(quick):

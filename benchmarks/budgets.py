@@ -1,0 +1,467 @@
+"""MorphNet against the width multiplier at fixed FLOP budgets, on a CPU setting that can tell.
+
+The setting was fixed, and the uniform curve calibrated on the validation split, before any
+MorphNet arm ran (docs/benchmarks.md records the calibration):
+- data: the generated image set (``morphnet.data.synthetic``, task seed 0), average-pooled from
+  32x32 to 16x16 so that a CIFAR ResNet trains in about a minute on one core; 20,000 training,
+  5,000 validation and 10,000 test images, each split drawn with its own sample seed;
+- seed network: CIFAR ResNet-14 (16/32/64 channels, 13 3x3 convs and 2 1x1 shortcuts over
+  16x16, 8x8 and 4x4; 13.3 MFLOPs);
+- recipe: every network is built from alive counts by ``morphnet.apply_structure`` (fresh
+  initialization after ``torch.manual_seed(seed + 1)``) and trained from scratch with the
+  pipeline's ``train`` (2000 steps, batch 64, SGD lr 0.05, warm-up and cosine decay, weight decay
+  5e-4, data order from the seed); structure learning is the pipeline's ``learn_structure`` in
+  target-cost mode (Gamma FLOPs, threshold 0.01, 2000 steps), the learned structure brought to the
+  exact budget with one width multiplier, as ``morphnet run`` does.
+
+Arms, for every seed and budget b in {1/8, 1/4, 1/2} of the seed's FLOPs:
+- ``uniform``: the seed scaled by one width multiplier to b (and the seed itself at 1x);
+- ``at-budget``: structure learned at b;
+- ``shrink-expand``: structure learned at b/2, then expanded by one factor to b (the paper's method);
+- ``expand-full``: the structure learned at 1/2 expanded to the seed's own FLOPs, against the seed;
+- ``unweighted`` (phase ``ablation``): the same Gamma source with an unweighted L1 penalty (network
+  slimming's), steered by the same controller to the same FLOP budget, used at the budget.
+
+Choice rule, fixed before the run: at each budget, "MorphNet" is whichever of at-budget and
+shrink-and-expand has the higher mean validation accuracy over the seeds. The test split is read
+only for the table. A win (loss) is called only when the test gap to the uniform network exceeds
+(falls below minus) twice the pooled standard error sqrt(sd_m^2 / n + sd_u^2 / n).
+
+Every network appends one JSON line to ``OUT.jsonl`` as soon as it is trained, and a rerun with
+the same ``--out`` skips what is already there, so every phase is resumable; runs over disjoint
+seeds (``--first-seed``, ``--seeds``) merge with ``--combine``.
+
+    python benchmarks/budgets.py --phase calibrate                 # before any MorphNet arm
+    python benchmarks/budgets.py --phase core --first-seed 0 --seeds 3 --out benchmarks/results/budgets_a
+    python benchmarks/budgets.py --phase core --first-seed 3 --seeds 2 --out benchmarks/results/budgets_b
+    python benchmarks/budgets.py --combine benchmarks/results/budgets_a.jsonl benchmarks/results/budgets_b.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, environment, resolve_device, setup_cpu, write_results
+from pareto import _mean_std
+from torch import nn
+
+import morphnet
+from morphnet.data import DataBundle, TensorImages
+from morphnet.data.synthetic import SyntheticImages
+from morphnet.pipeline import RunConfig
+from morphnet.pipeline.distributed import DistContext
+from morphnet.pipeline.learn import learn_structure
+from morphnet.pipeline.regularizers import register_regularizer
+from morphnet.pipeline.training import count_flops, count_params, evaluate, train
+from morphnet.seeds import create_seed
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Data, seed network and recipe; fixed before any MorphNet arm ran."""
+
+    model: str = "resnet14"
+    image_size: int = 16
+    n_train: int = 20000
+    n_val: int = 5000
+    n_test: int = 10000
+    budgets: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
+    steps: int = 2000  # every training from scratch
+    learn_steps: int = 2000  # structure learning
+    batch_size: int = 64
+    lr: float = 0.05
+    threshold: float = 1e-2
+    seeds: int = 5
+    calibration_widths: tuple[float, ...] = (1.0, 0.5, 0.25)
+    calibration_seeds: int = 3
+
+
+QUICK = Setting(n_train=512, n_val=256, n_test=256, budgets=(1 / 4,), steps=10, learn_steps=10, seeds=1,
+                calibration_widths=(1.0, 0.25), calibration_seeds=1)
+
+
+def load_splits(s: Setting) -> tuple[DataBundle, TensorImages]:
+    """The generated task at ``s.image_size``: a bundle whose ``test`` is the validation split
+    (all learning and every choice sees only it), and the test split apart."""
+    generator = SyntheticImages(seed=0)
+
+    def split(n: int, sample_seed: int) -> TensorImages:
+        x, y = generator.sample(n, seed=sample_seed)
+        factor = x.shape[-1] // s.image_size
+        if factor > 1:
+            x = F.avg_pool2d(x.float(), factor).round().clamp(0, 255).to(torch.uint8)
+        return TensorImages(x, y, mean=0.5, std=0.25)
+
+    train_set, val_set, test_set = split(s.n_train, 1001), split(s.n_val, 1002), split(s.n_test, 1003)
+    bundle = DataBundle(name=f"synthetic{s.image_size}", train=train_set, test=val_set, num_classes=10,
+                        input_shape=(3, s.image_size, s.image_size))
+    return bundle, test_set
+
+
+class UnweightedGammaFlops(morphnet.GammaFlopsRegularizer):
+    """The ablation: Gamma FLOPs' source, alive test and cost (so the controller steers FLOPs), but
+    network slimming's penalty: every channel group weighs the same (GammaActivation's term), scaled
+    so that at the start it equals the FLOP-weighted term (same initial push, other distribution)."""
+
+    def __init__(self, model, example_inputs, gamma_threshold: float):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold)
+        self._plain = morphnet.GammaActivationRegularizer(model, example_inputs, gamma_threshold=gamma_threshold)
+        with torch.no_grad():
+            self._scale = float(super().get_regularization_term()) / float(self._plain.get_regularization_term())
+
+    def get_regularization_term(self, modules=None) -> torch.Tensor:
+        return self._scale * self._plain.get_regularization_term(modules)
+
+
+register_regularizer("gamma-unweighted", "flops",
+                     lambda model, example, threshold, hardware: UnweightedGammaFlops(model, example, threshold))
+
+
+class Bench:
+    """Data, seed factory and the build-train-score path shared by every arm."""
+
+    def __init__(self, s: Setting, device: torch.device, out: Path):
+        self.s = s
+        self.ctx = DistContext(device=device)
+        self.data, self.test = load_splits(s)
+        self.example = self.data.example_inputs(1)
+        self.seed_flops = morphnet.compute_cost(self.new_seed(0), self.example)
+        self.out = out
+        self.rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+    def new_seed(self, seed: int, width: float = 1.0) -> nn.Module:
+        torch.manual_seed(seed)
+        return create_seed(self.s.model, num_classes=10, in_channels=3, width=width)
+
+    def done(self, seed: int, arm: str, budget: float | None) -> dict | None:
+        for row in self.rows:
+            if (row["seed"], row["arm"], row["budget"]) == (seed, arm, budget):
+                return row
+        return None
+
+    def record(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with self.out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return row
+
+    def seed_weights(self, seed: int) -> Path:
+        """Where the core phase keeps the trained 1x seed of ``seed`` (the fine-tune phase starts from it)."""
+        return self.out.with_name(self.out.stem + "_weights") / f"seed{seed}.pt"
+
+    def full_counts(self) -> dict[str, int]:
+        reg = morphnet.GroupLassoFlopsRegularizer(self.new_seed(0), self.example, threshold=0.0)
+        return morphnet.StructureExporter(reg).get_alive_counts()
+
+    def scale_to(self, counts: dict[str, int], fraction: float) -> tuple[float, dict[str, int]]:
+        """One width multiplier that brings ``counts`` within 1% of ``fraction`` of the seed's FLOPs."""
+        return morphnet.find_width_multiplier(self.new_seed(0), counts, self.example, fraction * self.seed_flops)
+
+    def learn(self, seed: int, budget: float, regularizer: str = "gamma", *, model: nn.Module | None = None,
+              steps: int | None = None, lr: float | None = None, arm: str | None = None) -> dict:
+        """Target-cost structure learning at ``budget`` from a fresh seed (or from ``model``, trained in
+        place), cached as a row of arm ``learn:<regularizer>``."""
+        arm = arm or f"learn:{regularizer}"
+        row = self.done(seed, arm, budget)
+        if row is not None:
+            return row
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = RunConfig(model=self.s.model, data=self.data.name, regularizer=regularizer, target_cost=budget,
+                            threshold=self.s.threshold, steps=steps or self.s.learn_steps,
+                            batch_size=self.s.batch_size, lr=lr or self.s.lr, out=tmp, seed=seed, quiet=True)
+            model = model if model is not None else self.new_seed(seed)
+            result = learn_structure(cfg, self.ctx, self.data, model.to(self.ctx.device))
+        chosen = result.chosen
+        print(f"seed {seed} {arm:22s} budget {budget:.4f}: {chosen.cost / self.seed_flops:.4f}x "
+              f"at step {chosen.step} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return self.record({"seed": seed, "arm": arm, "budget": budget, "counts": chosen.counts,
+                            "learned_fraction": chosen.cost / self.seed_flops, "learned_step": chosen.step,
+                            "learn_seconds": round(time.perf_counter() - start, 1)})
+
+    def trained(self, seed: int, arm: str, budget: float | None, counts: dict[str, int] | None, *,
+                test: bool = True, model: nn.Module | None = None, steps: int | None = None, lr: float | None = None,
+                keep: Path | None = None, **extra) -> dict:
+        """Build ``counts`` from the seed (or take ``model`` as it is), train it, score it on validation
+        (and test), cache the row; ``keep`` saves the trained weights there."""
+        row = self.done(seed, arm, budget)
+        if row is not None:
+            return row
+        if model is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(seed + 1)
+                model = morphnet.apply_structure(self.new_seed(seed), counts, self.example)
+        flops = morphnet.compute_cost(model, self.example)
+        start = time.perf_counter()
+        model.to(self.ctx.device)
+        train(model, self.data.train, steps=steps or self.s.steps, lr=lr or self.s.lr, batch_size=self.s.batch_size,
+              seed=seed, ctx=self.ctx, log_every=steps or self.s.steps)
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), keep)
+        row = {"seed": seed, "arm": arm, "budget": budget, **extra, "flops": flops,
+               "flops_fraction": flops / self.seed_flops, "flops_counted": count_flops(model, self.example),
+               "params": count_params(model), "counts": counts,
+               "val": evaluate(model, self.data.test, self.ctx.device),
+               **({"test": evaluate(model, self.test, self.ctx.device)} if test else {}),
+               "train_seconds": round(time.perf_counter() - start, 1)}
+        print(f"seed {seed} {arm:14s} {'1x' if budget is None else f'{budget:.4f}':>7s} {row['flops_fraction']:.4f}x "
+              f"FLOPs  val {row['val']:.4f}  ({row['train_seconds']:.0f} s)", flush=True)
+        return self.record(row)
+
+
+def calibrate(bench: Bench, first_seed: int) -> None:
+    """Uniform widths on the validation split: is the task unsaturated, do seeds agree?"""
+    full = bench.full_counts()
+    for seed in range(first_seed, first_seed + bench.s.calibration_seeds):
+        for width in bench.s.calibration_widths:
+            counts = morphnet.StructureExporter(morphnet.GroupLassoFlopsRegularizer(
+                bench.new_seed(0, width), bench.example, threshold=0.0)).get_alive_counts()
+            assert counts.keys() == full.keys()
+            bench.trained(seed, "calibration", width, counts, test=False, width=width)
+
+
+def core(bench: Bench, first_seed: int) -> None:
+    s = bench.s
+    full = bench.full_counts()
+    learn_budgets = sorted({b / 2 for b in s.budgets} | set(s.budgets))
+    for seed in range(first_seed, first_seed + s.seeds):  # the uniform curve first, for every seed
+        bench.trained(seed, "uniform", None, full, factor=1.0, keep=bench.seed_weights(seed))
+        for budget in s.budgets:
+            factor, counts = bench.scale_to(full, budget)
+            bench.trained(seed, "uniform", budget, counts, factor=factor)
+    for seed in range(first_seed, first_seed + s.seeds):
+        learned = {b: bench.learn(seed, b) for b in learn_budgets}
+        for budget in s.budgets:
+            for arm, source in (("at-budget", budget), ("shrink-expand", budget / 2)):
+                factor, counts = bench.scale_to(learned[source]["counts"], budget)
+                bench.trained(seed, arm, budget, counts, factor=factor, learned_at=source,
+                              learned_fraction=learned[source]["learned_fraction"])
+        top = max(s.budgets)
+        factor, counts = bench.scale_to(learned[top]["counts"], 1.0)
+        bench.trained(seed, "expand-full", 1.0, counts, factor=factor, learned_at=top)
+
+
+def ablation(bench: Bench, first_seed: int) -> None:
+    for seed in range(first_seed, first_seed + bench.s.seeds):
+        for budget in bench.s.budgets:
+            learned = bench.learn(seed, budget, "gamma-unweighted")
+            factor, counts = bench.scale_to(learned["counts"], budget)
+            bench.trained(seed, "unweighted", budget, counts, factor=factor, learned_at=budget,
+                          learned_fraction=learned["learned_fraction"])
+
+
+def finetune(bench: Bench, first_seed: int) -> None:
+    """Prune and fine-tune, how most users meet pruning: from the core phase's trained 1x seed, learn
+    for a quarter of the from-scratch steps at the budget (lr / 5), rebuild with ``keep_weights=True``
+    and fine-tune for another quarter (lr / 5). Its reference, ``uniform-long``, is the uniform network
+    at the same FLOPs trained from scratch for the same total steps (seed training + learning +
+    fine-tuning)."""
+    s = bench.s
+    full = bench.full_counts()
+    quarter, lr = max(1, s.steps // 4), s.lr / 5
+    for seed in range(first_seed, first_seed + s.seeds):
+        weights = bench.seed_weights(seed)
+        if not weights.exists():
+            raise SystemExit(f"{weights} is missing: run --phase core for seed {seed} with the same --out first")
+        for budget in s.budgets:
+            if bench.done(seed, "finetune", budget) is None:
+                model = bench.new_seed(seed)
+                model.load_state_dict(torch.load(weights, map_location="cpu"))
+                bench.learn(seed, budget, model=model, steps=quarter, lr=lr, arm="learn-trained:gamma")
+                reg = morphnet.GammaFlopsRegularizer(model, bench.example.to(bench.ctx.device),
+                                                     gamma_threshold=s.threshold)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    slim = morphnet.apply_structure(model, reg, bench.example, keep_weights=True)
+                counts = morphnet.StructureExporter(reg).get_alive_counts()
+                bench.trained(seed, "finetune", budget, counts, model=slim, steps=quarter, lr=lr,
+                              total_steps=s.steps + 2 * quarter)
+            fraction = bench.done(seed, "finetune", budget)["flops_fraction"]
+            factor, counts = bench.scale_to(full, fraction)
+            bench.trained(seed, "uniform-long", budget, counts, steps=s.steps + 2 * quarter, factor=factor)
+
+
+PHASES = {"calibrate": calibrate, "core": core, "ablation": ablation, "finetune": finetune}
+#: The reference each arm is compared with (default: the uniform network at the same budget).
+REFERENCE = {"finetune": "uniform-long"}
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean, sd = _mean_std(values)
+    return mean, (0.0 if math.isnan(sd) else sd)
+
+
+def compare(rows: list[dict]) -> dict:
+    """Per budget: each arm against the uniform network of the same budget; MorphNet's pick by validation."""
+    trained = [r for r in rows if "test" in r and r["arm"] != "calibration"]
+    by: dict[tuple[str, float | None], list[dict]] = {}
+    for r in trained:
+        by.setdefault((r["arm"], r["budget"]), []).append(r)
+    table, picks = [], {}
+    for budget in sorted({b for (arm, b) in by if b is not None}):
+        arms = [a for (a, b) in by if b == budget and not a.startswith("uniform")]
+        for arm in arms:
+            reference = by.get((REFERENCE.get(arm, "uniform"), budget if budget != 1.0 else None), [])
+            if not reference:
+                continue
+            u_test, u_sd = _stats([r["test"] for r in reference])
+            rs = by[(arm, budget)]
+            m_test, m_sd = _stats([r["test"] for r in rs])
+            n = min(len(rs), len(reference))
+            se = math.sqrt(m_sd ** 2 / len(rs) + u_sd ** 2 / len(reference)) if n > 1 else float("nan")
+            gap = m_test - u_test
+            verdict = "n/a" if math.isnan(se) else "win" if gap > 2 * se else "loss" if gap < -2 * se else "tie"
+            table.append({
+                "budget": budget, "arm": arm, "seeds": len(rs),
+                "flops_fraction": statistics.fmean(r["flops_fraction"] for r in rs),
+                "val_mean": statistics.fmean(r["val"] for r in rs), "test_mean": m_test, "test_sd": m_sd,
+                "reference": REFERENCE.get(arm, "uniform"),
+                "uniform_flops_fraction": statistics.fmean(r["flops_fraction"] for r in reference),
+                "uniform_val_mean": statistics.fmean(r["val"] for r in reference),
+                "uniform_test_mean": u_test, "uniform_test_sd": u_sd,
+                "gap": gap, "two_pooled_se": 2 * se, "verdict": verdict,
+            })
+        candidates = [t for t in table if t["budget"] == budget and t["arm"] in ("at-budget", "shrink-expand")]
+        if candidates:
+            pick = max(candidates, key=lambda t: t["val_mean"])
+            picks[str(budget)] = {"arm": pick["arm"], "gap": pick["gap"], "two_pooled_se": pick["two_pooled_se"],
+                                  "verdict": pick["verdict"]}
+    return {"table": table, "morphnet_by_validation": picks}
+
+
+def calibration_summary(rows: list[dict]) -> list[dict]:
+    out = []
+    widths = sorted({r["budget"] for r in rows if r["arm"] == "calibration"}, reverse=True)
+    for width in widths:
+        rs = [r for r in rows if r["arm"] == "calibration" and r["budget"] == width]
+        mean, sd = _stats([r["val"] for r in rs])
+        out.append({"width": width, "seeds": len(rs), "flops_fraction": rs[0]["flops_fraction"],
+                    "val_mean": mean, "val_sd": sd, "train_seconds": statistics.fmean(r["train_seconds"] for r in rs)})
+    return out
+
+
+def report(summary: dict, calibration: list[dict]) -> None:
+    if calibration:
+        print("\ncalibration (validation accuracy, uniform widths)")
+        for c in calibration:
+            print(f"  width {c['width']:.2f}  {c['flops_fraction']:.3f}x FLOPs  {c['val_mean']:.4f} ± {c['val_sd']:.4f}"
+                  f"  ({c['seeds']} seeds, {c['train_seconds']:.0f} s each)")
+    if summary["table"]:
+        print(f"\n{'budget':>7s} {'arm':14s} {'FLOPs':>7s} {'val':>7s} {'test':>15s} {'uniform test':>15s} "
+              f"{'gap':>7s} {'2 SE':>6s} verdict")
+        for t in summary["table"]:
+            print(f"{t['budget']:7.4f} {t['arm']:14s} {t['flops_fraction']:7.4f} {t['val_mean']:7.4f} "
+                  f"{t['test_mean']:.4f}±{t['test_sd']:.4f} {t['uniform_test_mean']:.4f}±{t['uniform_test_sd']:.4f} "
+                  f"{100 * t['gap']:+6.2f}p {100 * t['two_pooled_se']:5.2f}p {t['verdict']}")
+        for budget, pick in summary["morphnet_by_validation"].items():
+            print(f"budget {float(budget):.4f}: MorphNet = {pick['arm']} (by validation): gap {100 * pick['gap']:+.2f} "
+                  f"points, 2 SE {100 * pick['two_pooled_se']:.2f}: {pick['verdict']}")
+
+
+def plot(rows: list[dict], path: Path, seed_flops: float) -> None:
+    """Test accuracy against FLOPs (fraction of the seed's), mean ± sd over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if "test" in r and r["arm"] != "calibration"]
+    if not trained:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"uniform": ("#444444", "o"), "at-budget": ("#1f77b4", "s"), "shrink-expand": ("#2ca02c", "D"),
+              "unweighted": ("#d62728", "v"), "expand-full": ("#9467bd", "*")}
+    for arm, (color, marker) in styles.items():
+        levels: dict = {}
+        for r in trained:
+            if r["arm"] == arm or (arm == "uniform" and r["arm"] == "uniform"):
+                levels.setdefault(r["budget"], []).append(r)
+        if not levels:
+            continue
+        points = sorted((statistics.fmean(r["flops_fraction"] for r in rs), *_stats([r["test"] for r in rs]))
+                        for rs in levels.values())
+        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
+                    marker=marker, ms=5, capsize=3, lw=1.2, color=color, label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"FLOPs / seed FLOPs ({seed_flops / 1e6:.1f} M), log scale")
+    ax.set_ylabel("test accuracy (%)")
+    seeds = len({r["seed"] for r in trained})
+    ax.set_title(f"ResNet-14 on generated 16x16 images: MorphNet vs width multiplier ({seeds} seeds, mean ± sd)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=sorted(PHASES), default="core")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 5; calibration 3)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--combine", nargs="+", metavar="JSONL", help="no training: merge runs, compare and plot")
+    parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, one seed (test suite)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="path prefix for OUT.jsonl (rows), OUT.json, OUT.csv, OUT.png "
+                                      "(default benchmarks/results/budgets_cpu)")
+    args = parser.parse_args()
+    setup_cpu(args.threads)
+    s = QUICK if args.quick else Setting()
+    if args.seeds:
+        s = replace(s, seeds=args.seeds, calibration_seeds=args.seeds)
+    out = Path(args.out or RESULTS / f"budgets_cpu{'_quick' if args.quick else ''}")
+    if args.combine:
+        rows, seen = [], set()
+        for f in args.combine:
+            for line in Path(f).read_text().splitlines():
+                row = json.loads(line)
+                key = (row["seed"], row["arm"], row["budget"])
+                if key in seen:
+                    raise SystemExit(f"{f}: seed {row['seed']} arm {row['arm']} budget {row['budget']} appears "
+                                     "twice; combine runs over disjoint seeds")
+                seen.add(key)
+                rows.append(row)
+        env = {"combined_from": args.combine}
+        seed_flops = None
+    else:
+        device = resolve_device(args.device)
+        bench = Bench(s, device, out.with_suffix(".jsonl"))
+        env = environment(device)
+        seed_flops = bench.seed_flops
+        print(f"{s.model} at {s.image_size}x{s.image_size} ({bench.seed_flops:.0f} FLOPs), phase {args.phase}, "
+              f"seeds {args.first_seed}..{args.first_seed + s.seeds - 1}, on {env['device_name']}", flush=True)
+        start = time.perf_counter()
+        PHASES[args.phase](bench, args.first_seed)
+        env["wall_seconds"] = round(time.perf_counter() - start)
+        rows = bench.rows
+    summary = compare(rows)
+    calibration = calibration_summary(rows)
+    report(summary, calibration)
+    trained = [r for r in rows if "flops" in r]
+    if seed_flops is None and trained:
+        seed_flops = trained[0]["flops"] / trained[0]["flops_fraction"]
+    payload = {"environment": env, "setting": vars(s) if not args.combine else None, "calibration": calibration,
+               **summary, "rows": rows}
+    write_results(out.with_suffix(".json"), payload, trained or None)
+    if seed_flops:
+        plot(rows, out.with_suffix(".png"), seed_flops)
+    print(f"wrote {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
