@@ -165,8 +165,10 @@ class Bench:
         return morphnet.StructureExporter(reg).get_alive_counts()
 
     def scale_to(self, counts: dict[str, int], fraction: float) -> tuple[float, dict[str, int]]:
-        """One width multiplier that brings ``counts`` within 1% of ``fraction`` of the seed's FLOPs."""
-        return morphnet.find_width_multiplier(self.new_seed(0), counts, self.example, fraction * self.seed_flops)
+        """One width multiplier that brings ``counts`` within 1% of ``fraction`` of the seed's FLOPs
+        (or as close as the integer widths allow; every row records the FLOPs it got)."""
+        return morphnet.find_width_multiplier(self.new_seed(0), counts, self.example, fraction * self.seed_flops,
+                                              tolerance=None)
 
     def learn(self, seed: int, budget: float, regularizer: str = "gamma", *, model: nn.Module | None = None,
               steps: int | None = None, lr: float | None = None, arm: str | None = None) -> dict:

@@ -109,6 +109,19 @@ def test_unreachable_targets_are_clear_errors():
         morphnet.find_width_multiplier(model, {"conv1": 7}, x, 1.2e6, round_to=8)
 
 
+def test_tolerance_none_takes_the_closest_cost_the_widths_allow():
+    model, x = ConcatNet(), torch.randn(1, 3, 17, 19)
+    with pytest.raises(ValueError, match="round_to=8"):
+        morphnet.find_width_multiplier(model, {"conv1": 7}, x, 1.2e6, round_to=8)
+    _, counts = morphnet.find_width_multiplier(model, {"conv1": 7}, x, 1.2e6, round_to=8, tolerance=None)
+    got = morphnet.compute_cost(morphnet.apply_structure(model, counts, x), x)
+    # no other expansion by one factor (rounded to 8) comes closer to the target
+    others = [morphnet.compute_cost(morphnet.apply_structure(
+        model, morphnet.expand_structure(model, {"conv1": 7}, x, f / 16, round_to=8), x), x) for f in range(1, 65)]
+    assert abs(got - 1.2e6) <= min(abs(c - 1.2e6) for c in others)
+    assert abs(got - 1.2e6) > 0.01 * 1.2e6
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda m, x: morphnet.expand_structure(m, {"conv1": 7}, x, -1.0), "factor must be"),
     (lambda m, x: morphnet.expand_structure(m, {"conv1": 7}, x, 2.0, round_to=0), "round_to must be"),

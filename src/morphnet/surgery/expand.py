@@ -38,9 +38,10 @@ def expand_structure(model: nn.Module, structure, example_inputs, factor: float,
 
 
 def find_width_multiplier(model: nn.Module, structure, example_inputs, target_cost: float, *,
-                          resource: str = "flops", hardware=None, round_to: int | None = None
-                          ) -> tuple[float, dict[str, int]]:
-    """The factor whose expansion of ``structure`` costs ``target_cost`` (within 1%), and its counts.
+                          resource: str = "flops", hardware=None, round_to: int | None = None,
+                          tolerance: float | None = 0.01) -> tuple[float, dict[str, int]]:
+    """The factor whose expansion of ``structure`` costs ``target_cost`` (within ``tolerance``, a
+    fraction; ``None`` takes the closest cost the integer widths allow), and its counts.
 
     The cost is that of ``apply_structure(model, counts, example_inputs)``: FLOPs per
     example, weight count ('size'), or roofline latency on ``hardware`` at batch size 1.
@@ -95,11 +96,11 @@ def find_width_multiplier(model: nn.Module, structure, example_inputs, target_co
             if tried[tuple(current)] >= target_cost:
                 break
     best = min(tried, key=lambda u: abs(tried[u] - target_cost))
-    if abs(tried[best] - target_cost) > 0.01 * target_cost:
+    if tolerance is not None and abs(tried[best] - target_cost) > tolerance * target_cost:
         below = max((c for c in tried.values() if c < target_cost), default=None)
         above = min((c for c in tried.values() if c >= target_cost), default=None)
-        raise ValueError(f"no width multiplier puts the cost within 1% of {target_cost:.6g} {resource}: the "
-                         f"nearest expansions cost {below} and {above}"
+        raise ValueError(f"no width multiplier puts the cost within {tolerance:.0%} of {target_cost:.6g} {resource}: "
+                         f"the nearest expansions cost {below} and {above} (tolerance=None takes the closest)"
                          + (f" (round_to={round_to} makes the steps coarse; try a smaller one)" if round_to else ""))
     return (factor if best == units else hi), s.counts(ex.copies(best))
 
