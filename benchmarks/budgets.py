@@ -238,22 +238,34 @@ def calibrate(bench: Bench, first_seed: int) -> None:
 def core(bench: Bench, first_seed: int) -> None:
     s = bench.s
     full = bench.full_counts()
-    learn_budgets = sorted({b / 2 for b in s.budgets} | set(s.budgets))
     for seed in range(first_seed, first_seed + s.seeds):  # the uniform curve first, for every seed
         bench.trained(seed, "uniform", None, full, factor=1.0, keep=bench.seed_weights(seed))
         for budget in s.budgets:
             factor, counts = bench.scale_to(full, budget)
             bench.trained(seed, "uniform", budget, counts, factor=factor)
-    for seed in range(first_seed, first_seed + s.seeds):
-        learned = {b: bench.learn(seed, b) for b in learn_budgets}
+    # Then the learned arms, most important first across all seeds, so that a run cut short still
+    # has whole columns: at-budget, shrink-and-expand from the structures already learned, the
+    # extra learning at budget/2 for the smallest budget, and last the expansion to the seed's FLOPs.
+    def arm(seed: int, name: str, budget: float, source: float) -> None:
+        learned = bench.learn(seed, source)
+        factor, counts = bench.scale_to(learned["counts"], budget)
+        bench.trained(seed, name, budget, counts, factor=factor, learned_at=source,
+                      learned_fraction=learned["learned_fraction"])
+
+    seeds = range(first_seed, first_seed + s.seeds)
+    for seed in seeds:
         for budget in s.budgets:
-            for arm, source in (("at-budget", budget), ("shrink-expand", budget / 2)):
-                factor, counts = bench.scale_to(learned[source]["counts"], budget)
-                bench.trained(seed, arm, budget, counts, factor=factor, learned_at=source,
-                              learned_fraction=learned[source]["learned_fraction"])
-        top = max(s.budgets)
-        factor, counts = bench.scale_to(learned[top]["counts"], 1.0)
-        bench.trained(seed, "expand-full", 1.0, counts, factor=factor, learned_at=top)
+            arm(seed, "at-budget", budget, budget)
+    for seed in seeds:
+        for budget in s.budgets:
+            if budget / 2 in s.budgets:
+                arm(seed, "shrink-expand", budget, budget / 2)
+    for seed in seeds:
+        for budget in s.budgets:
+            if budget / 2 not in s.budgets:
+                arm(seed, "shrink-expand", budget, budget / 2)
+    for seed in seeds:
+        arm(seed, "expand-full", 1.0, max(s.budgets))
 
 
 def ablation(bench: Bench, first_seed: int) -> None:
@@ -373,6 +385,18 @@ def report(summary: dict, calibration: list[dict]) -> None:
                   f"points, 2 SE {100 * pick['two_pooled_se']:.2f}: {pick['verdict']}")
 
 
+def markdown(summary: dict) -> str:
+    """The comparison table as Markdown, for docs/benchmarks.md."""
+    lines = ["| budget | arm | FLOPs | val | test (mean ± sd) | reference test | gap | 2 x pooled SE | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in summary["table"]:
+        lines.append(f"| {t['budget']:g} | {t['arm']} | {t['flops_fraction']:.4f}x | {100 * t['val_mean']:.2f} | "
+                     f"{100 * t['test_mean']:.2f} ± {100 * t['test_sd']:.2f} | {t['reference']} "
+                     f"{100 * t['uniform_test_mean']:.2f} ± {100 * t['uniform_test_sd']:.2f} | "
+                     f"{100 * t['gap']:+.2f} | {100 * t['two_pooled_se']:.2f} | {t['verdict']} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, seed_flops: float) -> None:
     """Test accuracy against FLOPs (fraction of the seed's), mean ± sd over seeds, one line per arm."""
     import matplotlib
@@ -416,6 +440,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5; calibration 3)")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--budgets", type=float, nargs="+", metavar="FRACTION",
+                        help="run the phase at these budgets only (default 1/8 1/4 1/2)")
     parser.add_argument("--combine", nargs="+", metavar="JSONL", help="no training: merge runs, compare and plot")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, one seed (test suite)")
     parser.add_argument("--threads", type=int, default=1)
@@ -426,6 +452,8 @@ def main() -> None:
     s = QUICK if args.quick else Setting()
     if args.seeds:
         s = replace(s, seeds=args.seeds, calibration_seeds=args.seeds)
+    if args.budgets:
+        s = replace(s, budgets=tuple(args.budgets))
     out = Path(args.out or RESULTS / f"budgets_cpu{'_quick' if args.quick else ''}")
     if args.combine:
         rows, seen = [], set()
@@ -454,6 +482,8 @@ def main() -> None:
     summary = compare(rows)
     calibration = calibration_summary(rows)
     report(summary, calibration)
+    if summary["table"]:
+        print("\n" + markdown(summary))
     trained = [r for r in rows if "flops" in r]
     if seed_flops is None and trained:
         seed_flops = trained[0]["flops"] / trained[0]["flops_fraction"]
