@@ -1,0 +1,54 @@
+"""The framework-free side of the integrations: import isolation and option checks (no framework needed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import morphnet
+from morphnet.integrations.core import MorphNetRun, example_from_batch, first_example
+
+SRC = str(Path(morphnet.__file__).resolve().parents[1])
+
+
+def test_importing_morphnet_imports_no_training_framework():
+    code = ("import sys, morphnet, morphnet.integrations, morphnet.integrations.core; "
+            "print(sorted(m for m in ('lightning', 'transformers', 'timm', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": SRC, "PATH": ""})
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_model_input_is_found_in_common_batch_layouts():
+    x = torch.randn(4, 3, 8, 8)
+    assert example_from_batch(x) is x
+    assert example_from_batch((x, torch.zeros(4))) is x
+    assert example_from_batch({"labels": torch.zeros(4), "pixel_values": x}) is x
+    assert first_example(x).shape == (1, 3, 8, 8)
+    assert [t.shape for t in first_example((x, x))] == [(1, 3, 8, 8)] * 2
+
+
+def test_the_default_is_a_half_cost_target_with_gamma_on_batchnorm_models():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    run = MorphNetRun()
+    run.build(model, torch.randn(1, 3, 8, 8), steps=10, log_every=5)
+    assert run.target_cost == 0.5 and run.reg.name == "GammaFlops"
+    assert run.controller.target == pytest.approx(0.5 * run.seed_cost)
+    fixed = MorphNetRun(strength=1e-3, regularizer="group-lasso", resource="size")
+    fixed.build(model, torch.randn(1, 3, 8, 8), steps=10, log_every=5)
+    assert fixed.controller is None and fixed.reg.name == "GroupLassoModelSize" and fixed.strength == 1e-3
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="strength"):
+        MorphNetRun(strength=-1.0)
+    with pytest.raises(ValueError, match="initial strength"):
+        MorphNetRun(target_cost=0.5, strength=0.0)
+    with pytest.raises(ValueError, match="log_every"):
+        MorphNetRun(log_every=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        MorphNetRun().build(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), torch.randn(1, 3, 8, 8),
+                            steps=0, log_every=5)
