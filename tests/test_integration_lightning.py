@@ -67,7 +67,7 @@ def test_zero_config_lands_a_structure_file_that_rebuilds(tmp_path):
     t = trainer(tmp_path, [callback], max_steps=40, enable_checkpointing=False)
     t.fit(module, loader())
     assert callback.regularizer.name == "GammaFlops"  # the model has BatchNorms
-    assert callback.target_cost.steps == 40 and callback.target_cost.log_every == 5
+    assert callback.target_cost.steps == 40 and callback.target_cost.log_every == 1  # < 100 steps: every step
     log_dir = Path(t.log_dir)
     files = sorted((log_dir / "learned_structure").glob("alive_*.json"))
     assert callback.structure_file in files and log_dir / "learned_structure" / "alive_40.json" in files

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import morphnet
-from morphnet.integrations.core import MorphNetRun, example_from_batch, first_example
+from morphnet.integrations.core import MorphNetRun, example_from_batch, first_example, read_interval
 
 SRC = str(Path(morphnet.__file__).resolve().parents[1])
 
@@ -52,3 +52,10 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="max_steps"):
         MorphNetRun().build(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), torch.randn(1, 3, 8, 8),
                             steps=0, log_every=5)
+
+
+def test_reads_fall_on_logging_steps_and_a_short_run_is_read_often():
+    assert read_interval(50, 100_000) == 50
+    assert read_interval(50, 600) == 5  # the largest divisor of 50 with at least 100 reads
+    assert read_interval(50, 40) == 1
+    assert read_interval(10, 1500) == 10

@@ -56,6 +56,15 @@ def example_from_batch(batch: Any) -> Any:
     )
 
 
+def read_interval(logging_interval: int, steps: int, reads: int = 100) -> int:
+    """Steps between cost reads: the framework's logging interval, or the largest divisor of it that
+    still gives ``reads`` reads over ``steps`` (so reads fall on logging steps, and a short run is
+    steered often enough)."""
+    logging_interval = max(1, int(logging_interval))
+    fits = [k for k in range(1, logging_interval + 1) if logging_interval % k == 0 and steps // k >= reads]
+    return max(fits) if fits else 1
+
+
 def first_example(inputs: Any) -> Any:
     """``inputs`` cut to one example (costs are per example; the capture stays cheap)."""
     if torch.is_tensor(inputs):
@@ -74,6 +83,7 @@ class MorphNetRun:
     ``regularizer``: ``"auto"`` (Gamma when the model has BatchNorms, else group lasso), ``"gamma"``,
     ``"group-lasso"``, a network regularizer already built, or a function ``(model, example_input)
     -> regularizer``. ``resource``: flops, size, latency (with ``hardware``) or activations.
+    ``log_layers``: also log ``morphnet/alive/<layer>`` for every prunable layer.
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class MorphNetRun:
         tolerance: float = 0.05,
         log_every: int | None = None,
         export_every: int | None = None,
+        log_layers: bool = True,
     ):
         if target_cost is None and strength is None:
             target_cost = 0.5
@@ -118,6 +129,7 @@ class MorphNetRun:
         self.tolerance = tolerance
         self.log_every = log_every
         self.export_every = export_every
+        self.log_layers = log_layers
         self.reg = None
         self.exporter: morphnet.StructureExporter | None = None
         self.controller: morphnet.TargetCost | None = None
@@ -149,7 +161,7 @@ class MorphNetRun:
             raise ValueError(f"MorphNet: the number of training steps must be known and positive, got {steps}; "
                              "set max_steps (or max_epochs with a sized data loader)")
         self.steps = steps
-        self.log_every = self.log_every or log_every
+        self.log_every = self.log_every or read_interval(log_every, steps)
         self.export_every = self.export_every or max(1, steps // 10)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if torch.is_tensor(example):
@@ -236,7 +248,8 @@ class MorphNetRun:
             metrics["morphnet/target_fraction"] = self.controller.target / self.seed_cost
         counts = self.exporter.get_alive_counts()
         metrics["morphnet/alive_channels"] = float(sum(counts.values()))
-        metrics.update({f"morphnet/alive/{name}": float(n) for name, n in counts.items()})
+        if self.log_layers:
+            metrics.update({f"morphnet/alive/{name}": float(n) for name, n in counts.items()})
         return metrics
 
     def should_export(self, step: int) -> bool:

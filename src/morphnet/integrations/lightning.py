@@ -37,7 +37,10 @@ class MorphNet(pl.Callback):
     regularize (its name in the LightningModule, e.g. ``"model"``), default the LightningModule itself.
     ``example_input``: a tensor / tuple for ``module(*example)``, or a function of the batch; default
     the first training batch (itself, its first item, or its ``pixel_values`` / ``input_ids`` / ...).
-    ``log_every`` defaults to the trainer's ``log_every_n_steps``, ``export_every`` to a tenth of the steps.
+    ``log_every`` (steps between cost reads, each one logged) defaults to the trainer's
+    ``log_every_n_steps``, or a divisor of it that gives at least 100 reads; ``export_every`` to a
+    tenth of the steps.
+    ``log_layers``: also log the alive channels of every layer (``morphnet/alive/<layer>``).
 
     After ``fit``, ``structure_file`` is the structure kept (target mode: the latest within 1% of the
     target, else within tolerance, else the closest; fixed strength: the last step's), ready for
@@ -58,11 +61,12 @@ class MorphNet(pl.Callback):
         tolerance: float = 0.05,
         log_every: int | None = None,
         export_every: int | None = None,
+        log_layers: bool = True,
     ):
         self.run = MorphNetRun(
             target_cost, strength=strength, regularizer=regularizer, resource=resource, threshold=threshold,
             hardware=hardware, example_input=example_input, tolerance=tolerance, log_every=log_every,
-            export_every=export_every,
+            export_every=export_every, log_layers=log_layers,
         )
         self.module = module
         self.log_dir: Path | None = None

@@ -8,8 +8,8 @@ there: it clips, or measures the norm, first), just before ``optimizer.step()``.
 needed. One difference with adding the term to the loss: ``max_grad_norm`` clips the task gradient
 only (the Trainer clips before this hook).
 
-Logging: ``morphnet/*`` metrics join the Trainer's log (``state.log_history``, the progress bar, the
-``logs`` of callbacks after this one) at the Trainer's logging steps. Files:
+Logging: the latest ``morphnet/*`` metrics join the Trainer's log (``state.log_history``, the progress
+bar, the ``logs`` of callbacks after this one) at the Trainer's logging steps. Files:
 ``<output_dir>/learned_structure/alive_<step>.json``. State: saved in every checkpoint's
 ``trainer_state.json`` and restored by ``trainer.train(resume_from_checkpoint=...)``.
 Needs ``pip install "transformers[torch]"`` (transformers and accelerate).
@@ -41,7 +41,9 @@ class MorphNetCallback(TrainerCallback, ExportableState):
     has BatchNorms, else group lasso), ``resource``, ``threshold``, ``hardware``, ``module`` (name of
     the submodule to regularize, default the whole model), ``example_input`` (default: the first
     training example, collated; its ``pixel_values`` / ``input_ids`` / ... entry), ``tolerance``,
-    ``log_every`` (default the Trainer's ``logging_steps``), ``export_every`` (a tenth of the steps).
+    ``log_every`` (steps between cost reads; default the Trainer's ``logging_steps``, or a divisor of
+    it that gives at least 100 reads), ``export_every`` (a tenth of the steps), ``log_layers`` (also log
+    ``morphnet/alive/<layer>`` for every layer; off by default because the Trainer prints every value).
     The number of steps is the Trainer's ``max_steps``.
     """
 
@@ -59,17 +61,18 @@ class MorphNetCallback(TrainerCallback, ExportableState):
         tolerance: float = 0.05,
         log_every: int | None = None,
         export_every: int | None = None,
+        log_layers: bool = False,
     ):
         self.run = MorphNetRun(
             target_cost, strength=strength, regularizer=regularizer, resource=resource, threshold=threshold,
             hardware=hardware, example_input=example_input, tolerance=tolerance, log_every=log_every,
-            export_every=export_every,
+            export_every=export_every, log_layers=log_layers,
         )
         self.module = module
         # what the Trainer may rebuild this callback from (restore_callback_states_from_checkpoint=True)
         self._args = {"target_cost": target_cost, "strength": strength, "resource": resource,
                       "threshold": threshold, "hardware": hardware, "module": module, "tolerance": tolerance,
-                      "log_every": log_every, "export_every": export_every}
+                      "log_every": log_every, "export_every": export_every, "log_layers": log_layers}
         if isinstance(regularizer, str):
             self._args["regularizer"] = regularizer
         self.saved_state: dict[str, Any] | None = None
@@ -122,8 +125,7 @@ class MorphNetCallback(TrainerCallback, ExportableState):
         step = state.global_step
         metrics = self.run.after_step(step)
         if metrics:
-            self._metrics = metrics
-            control.should_log = True
+            self._metrics = metrics  # joins the Trainer's next log
         if self.run.should_export(step) and state.is_world_process_zero:
             self.run.export(args.output_dir, step)
 
