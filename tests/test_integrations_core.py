@@ -59,3 +59,27 @@ def test_reads_fall_on_logging_steps_and_a_short_run_is_read_often():
     assert read_interval(50, 600) == 5  # the largest divisor of 50 with at least 100 reads
     assert read_interval(50, 40) == 1
     assert read_interval(10, 1500) == 10
+
+
+def test_between_reads_the_callbacks_work_reads_no_tensor_value_on_the_host(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    run = MorphNetRun(target_cost=0.5, log_every=5)
+    run.build(model, torch.randn(1, 3, 8, 8), steps=20, log_every=5)
+    host_reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            host_reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    per_step = []
+    for step in range(1, 11):
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        host_reads.clear()
+        assert run.add_term_gradient(model.parameters())
+        metrics = run.after_step(step)
+        per_step.append(len(host_reads))
+        assert (metrics is not None) == (step % 5 == 0)
+    assert [n for i, n in enumerate(per_step, 1) if i % 5] == [0] * 8

@@ -201,3 +201,29 @@ def test_ranks_agree_under_torch_distributed_without_per_step_collectives(tmp_pa
     assert seed0 == seed1 and trace0 == trace1 and step0 == step1 and counts0 == counts1
     # the structure rank 0 saw: its first BatchNorm is fully alive at step 0
     assert math.isfinite(seed0) and counts0
+
+
+def test_between_reads_a_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """The per-step work (term, backward, update) converts no tensor to a Python value except at
+    read steps: on a GPU that would be a host sync every step. (Syncs inside C++ kernels are not
+    seen by this check; torch.cuda.set_sync_debug_mode covers those on a GPU.)"""
+    model = small_net()
+    reg = morphnet.GammaFlopsRegularizer(model, EXAMPLE, gamma_threshold=1e-2)
+    tc = morphnet.TargetCost(reg, target=0.5, steps=100, log_every=10)
+    host_reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            host_reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    per_step = []
+    for step in range(1, 21):
+        host_reads.clear()
+        (tc.strength * reg.get_regularization_term()).backward()
+        tc.update(step)
+        per_step.append(len(host_reads))
+    assert [n for i, n in enumerate(per_step, 1) if i % 10] == [0] * 18
+    assert per_step[9] > 0 and per_step[19] > 0  # the reads at steps 10 and 20
