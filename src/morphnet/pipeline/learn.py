@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphnet
+from morphnet.control import Candidate
 from morphnet.data import DataBundle
 from morphnet.pipeline import files
 from morphnet.pipeline.config import RunConfig
-from morphnet.control import Candidate
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.regularizers import make_regularizer
 from morphnet.pipeline.training import Meter, evaluate, infinite_batches, make_optimizer
