@@ -14,6 +14,15 @@ from morphnet.integrations.core import MorphNetRun, example_from_batch, first_ex
 SRC = str(Path(morphnet.__file__).resolve().parents[1])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: one thread avoids spin-waiting between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_importing_morphnet_imports_no_training_framework():
     code = ("import sys, morphnet, morphnet.integrations, morphnet.integrations.core; "
             "print(sorted(m for m in ('lightning', 'transformers', 'timm', 'accelerate') if m in sys.modules))")
