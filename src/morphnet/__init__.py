@@ -5,6 +5,7 @@ cost-weighted sparsity penalty to the training loss, export the alive channels a
 rebuild the slimmer network and retrain it.
 """
 
+from morphnet.control import TargetCost
 from morphnet.costs import compute_cost, cost_table
 from morphnet.costs.hardware import Hardware, register_hardware
 from morphnet.errors import UnsupportedGraphError
@@ -30,6 +31,6 @@ __all__ = [
     "GammaActivationRegularizer", "GroupLassoActivationRegularizer",
     "LogisticSigmoidFlopsRegularizer", "LogisticSigmoidModelSizeRegularizer", "LogisticSigmoidLatencyRegularizer",
     "LogisticSigmoidGate", "add_gates", "remove_gates", "fold_gates",
-    "StructureExporter", "write_summaries", "register_hardware", "Hardware", "compute_cost", "cost_table",
+    "StructureExporter", "TargetCost", "write_summaries", "register_hardware", "Hardware", "compute_cost", "cost_table",
     "apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim",
 ]

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphnet
+from morphnet.control import Candidate
 from morphnet.data import DataBundle
 from morphnet.pipeline import files
 from morphnet.pipeline.config import RunConfig
-from morphnet.pipeline.controller import Candidate, StrengthController, resolve_target, select_candidate
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.regularizers import make_regularizer
 from morphnet.pipeline.training import Meter, evaluate, infinite_batches, make_optimizer
@@ -61,10 +61,12 @@ def learn_structure(
     if seed_cost <= 0:
         raise ValueError(f"the seed's {reg.cost_name} is 0: no layer of '{cfg.model}' has a cost to reduce")
 
-    target_cost = resolve_target(cfg.target_cost, seed_cost) if cfg.target_cost is not None else None
     initial_strength = cfg.strength if cfg.strength is not None else 1.0 / seed_cost
-    controller = (StrengthController(target_cost, seed_cost, initial_strength, ramp_steps=cfg.steps // 2)
-                  if target_cost else None)
+    controller = None
+    if cfg.target_cost is not None:  # reads the cost every log_every steps, broadcast from rank 0
+        controller = morphnet.TargetCost(reg, cfg.target_cost, steps=cfg.steps, tolerance=cfg.tolerance,
+                                         initial_strength=initial_strength, log_every=cfg.log_every)
+    target_cost = controller.target if controller is not None else None
     strength = initial_strength
 
     net = ctx.wrap(model)
@@ -73,7 +75,7 @@ def learn_structure(
     batches = infinite_batches(data.train, cfg.batch_size, seed=cfg.seed, ctx=ctx)
     meter = Meter()
     history: list[dict[str, Any]] = []
-    candidates: list[Candidate] = []
+    last: Candidate | None = None
     export_every = cfg.export_every or max(1, cfg.steps // 10)
     exported: set[int] = set()
 
@@ -92,12 +94,13 @@ def learn_structure(
             progress.update(1)
 
         logging = step % cfg.log_every == 0 or step == cfg.steps
-        cost = None
-        if controller is not None or logging:
-            cost = ctx.broadcast(float(reg.get_cost()))
+        next_strength = controller.update(step) if controller is not None else strength
         if logging:
-            counts = ctx.broadcast(exporter.get_alive_counts())
-            candidates.append(Candidate(step, cost, counts))
+            if controller is not None:
+                cost = controller.cost  # read by update() at this very step (same schedule)
+            else:
+                cost = ctx.broadcast(float(reg.get_cost()))
+                last = Candidate(step, cost, ctx.broadcast(exporter.get_alive_counts()))
             record = {"step": step, "cost": cost, "strength": strength, **meter.flush()}
             if controller is not None:
                 record["reference"] = controller.reference(step)
@@ -108,7 +111,8 @@ def learn_structure(
                     record["test_accuracy"] = evaluate(model, data.test, ctx.device)
                     files.save_checkpoint(out / files.CHECKPOINTS / "learn.pt", {
                         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "strength": strength, "controller_integral": controller.integral if controller else None,
+                        "strength": next_strength,
+                        "controller": controller.state_dict() if controller is not None else None,
                     })
             history.append(record)
             if writer is not None:
@@ -118,14 +122,11 @@ def learn_structure(
                         writer.add_scalar(f"learn/{key}", record[key], step)
             if progress is not None:
                 progress.set_postfix(cost=f"{cost / seed_cost:.3f}x", acc=f"{record['train_accuracy']:.3f}")
-        if controller is not None:
-            strength = controller.update(step, cost)
+        strength = next_strength
 
-    if target_cost is not None:
-        chosen = select_candidate(candidates, target_cost, cfg.tolerance)
-    else:
-        chosen = candidates[-1]
-    chosen = ctx.broadcast(chosen)
+    # target-cost mode: the latest structure within 1% of the target, else within tolerance, else
+    # the closest (TargetCost keeps it, identical on every rank); fixed strength: the last step's.
+    chosen = controller.best() if controller is not None else last
     agree = ctx.all_equal(exporter.get_alive_counts())
     structure_file = files.structure_path(out, chosen.step)
     if ctx.is_main and chosen.step not in exported:
