@@ -54,6 +54,15 @@ class StrengthController:
             raise ValueError("target cost, seed cost and initial strength must be positive")
         self.strength = self.initial_strength
 
+    def state_dict(self) -> dict:
+        """Every field, as a plain dict (for checkpoints)."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s output."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def reference(self, step: int) -> float:
         """The cost the structure should have at ``step``."""
         progress = min(1.0, step / max(1, self.ramp_steps))

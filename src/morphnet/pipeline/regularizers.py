@@ -32,6 +32,11 @@ def regularizer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def regularizer_targets(name: str) -> list[str]:
+    """The ``--target`` values regularizer ``name`` supports (empty for an unknown name)."""
+    return sorted(_REGISTRY.get(name, {}))
+
+
 def make_regularizer(
     name: str, target: str, model: nn.Module, example_inputs: Any, *,
     threshold: float | None = None, hardware: str | None = None,
