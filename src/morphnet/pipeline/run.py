@@ -317,6 +317,23 @@ def reduction(summary: dict[str, Any]) -> dict[str, float] | None:
             "total": slim["cost"] / seed["cost"]}
 
 
+def layer_table(seed: nn.Module, slim: nn.Module | None, learned: dict[str, int], example: torch.Tensor) -> list[dict]:
+    """Per conv / linear layer: seed, learned and slim widths, seed and slim FLOPs, and the
+    layer's share of the slim network's FLOPs (of the seed's when there is no slim network)."""
+    seed_rows = [r for r in morphnet.cost_table(seed.cpu(), example) if r.get("channels")]
+    slim_rows = {r["name"]: r for r in morphnet.cost_table(slim.cpu(), example)} if slim is not None else {}
+    total = sum(r["flops"] for r in (slim_rows.values() if slim is not None else seed_rows)) or 1.0
+    table = []
+    for row in seed_rows:
+        name, thin = row["name"], slim_rows.get(row["name"], {})
+        flops = thin.get("flops", 0.0) if slim is not None else row["flops"]
+        table.append({"name": name, "seed": row["channels"], "learned": learned.get(name, row["channels"]),
+                      "slim": thin.get("channels", 0) if slim is not None else None,
+                      "seed_flops": row["flops"], "slim_flops": thin.get("flops", 0.0) if slim is not None else None,
+                      "share": flops / total})
+    return table
+
+
 def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, learned_cost: float | None,
                   seed_cost: float, target_cost: float | None) -> tuple[Rebuilt, float]:
     """Rebuild with ``counts``; expand to ``--expand-to`` or, in target-cost mode, trim the
@@ -434,7 +451,8 @@ def finish(session: Session, summary: dict, history: dict) -> dict:
     summary["seconds"]["total"] = sum(summary["seconds"].values())
     summary["reduction"] = reduction(summary)
     summary["warnings"] = outcome(summary)
-    summary["seed_kwargs"] = session.seed_kwargs
+    summary["input"] = {"data": session.data.name, "shape": list(session.data.input_shape),
+                        "num_classes": session.data.num_classes, "seed_kwargs": session.seed_kwargs}
     if session.ctx.is_main:
         files.write_json(session.out / files.SUMMARY, summary)
         files.write_json(session.out / files.HISTORY, history)
@@ -465,6 +483,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
                                            seed_cost=result.seed_cost, target_cost=result.target_cost)
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
+        summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model), result.chosen.counts, session.example)
         summary["seconds"]["rebuild"] = time.perf_counter() - start
         summary["slim"] = {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
                            "width_multiplier": rebuilt.width_multiplier, "dir": files.SLIM}
@@ -495,9 +514,10 @@ def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False)
     ``resume`` and ``overwrite`` as in :func:`run_pipeline`."""
     session = Session(cfg, _mode(resume, overwrite))
     try:
-        _, result = learn_stage(session)
+        seed, result = learn_stage(session)
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
+        summary["layers"] = layer_table(seed, None, result.chosen.counts, session.example)
         return finish(session, summary, {"learn": result.history})
     finally:
         session.close()
@@ -536,7 +556,8 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
         summary = {
             "structure_file": str(structure), "seed": seed_stats, "config": cfg.to_dict(),
-            "seed_kwargs": session.seed_kwargs,
+            "input": {"data": session.data.name, "shape": list(session.data.input_shape),
+                      "num_classes": session.data.num_classes, "seed_kwargs": session.seed_kwargs},
             "slim": {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
                      "width_multiplier": rebuilt.width_multiplier, "dir": name},
         }
