@@ -197,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
+    except BrokenPipeError:  # `morphnet cost | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 141
     except KeyboardInterrupt as error:
         if getattr(args, "debug", False):
             raise
