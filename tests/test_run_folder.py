@@ -53,6 +53,9 @@ def test_resume_of_a_folder_without_a_run_or_with_other_settings_is_refused(tmp_
     assert main(["learn", "--steps", "5", "--out", str(tmp_path), "--quiet"]) == 0
     assert main(["learn", "--resume", "--steps", "9", "--out", str(tmp_path), "--quiet"]) == 2
     assert "--steps 9 (the run has 5)" in capsys.readouterr().err
+    summary = (tmp_path / "summary.json").read_text()
+    assert main(["learn", "--resume", "--out", str(tmp_path), "--quiet"]) == 0  # finished: nothing to redo
+    assert json.loads((tmp_path / "summary.json").read_text())["learned"] == json.loads(summary)["learned"]
 
 
 def test_rebuild_into_a_run_writes_a_new_named_slim_folder_and_never_the_runs_own(tmp_path, capsys):
