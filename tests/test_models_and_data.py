@@ -85,12 +85,16 @@ def test_a_model_with_a_fixed_input_size_gets_its_size_or_a_one_line_error(tmp_p
     assert err.count("\n") == 1 and "--image-size 16" in err
 
 
-def test_timm_vision_transformer_takes_its_size_from_its_config_or_is_built_for_image_size(capsys):
+def test_timm_vision_transformer_takes_its_size_from_its_config_or_is_built_for_image_size():
     pytest.importorskip("timm")  # the same logic on a fake model runs in the test above
-    assert main(["cost", "--model", "timm:vit_tiny_patch16_224", "--data", "synthetic:20"]) == 0
-    assert "one 3x224x224 input" in capsys.readouterr().out
-    assert main(["cost", "--model", "timm:vit_tiny_patch16_224", "--data", "synthetic:20", "--image-size", "64"]) == 0
-    assert "one 3x64x64 input" in capsys.readouterr().out
+    from morphnet.pipeline.run import prepare_model_and_data
+
+    cfg = RunConfig(model="timm:vit_tiny_patch16_224", data="synthetic:20")
+    data, kwargs = prepare_model_and_data(cfg, log=lambda message: None)
+    assert cfg.image_size == 224 and data.input_shape == (3, 224, 224) and kwargs == {}
+    cfg = RunConfig(model="timm:vit_tiny_patch16_224", data="synthetic:20", image_size=32)
+    data, kwargs = prepare_model_and_data(cfg, log=lambda message: None)
+    assert data.input_shape == (3, 32, 32) and kwargs == {"img_size": 32}
 
 
 def _image_folder(root, corrupt: bool):

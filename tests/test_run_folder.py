@@ -30,12 +30,14 @@ def test_overwrite_removes_everything_the_old_run_wrote_and_keeps_other_files(tm
     assert main(["learn", "--steps", "20", "--out", str(tmp_path), "--quiet"]) == 0
     (tmp_path / "checkpoints" / "seed.pt").write_bytes(b"stale")
     (tmp_path / "slim_2").mkdir()
+    (tmp_path / "slim_2" / "structure.json").write_text("{}")
+    (tmp_path / "slim_mine").mkdir()  # not written by morphnet: kept
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["learn", "--steps", "5", "--out", str(tmp_path), "--quiet", "--overwrite"]) == 0
     assert not (tmp_path / "checkpoints" / "seed.pt").exists() and not (tmp_path / "slim_2").exists()
     assert sorted(p.name for p in (tmp_path / "learned_structure").iterdir()) == ["alive_5.json"]
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 5
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "slim_mine").is_dir()
 
 
 def test_bad_options_fail_before_anything_is_written(tmp_path, capsys):

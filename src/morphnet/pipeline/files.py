@@ -68,7 +68,9 @@ def latest_structure(run_dir: Path) -> Path | None:
 
 
 def _slim_dirs(run_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(run_dir).glob("slim_*") if p.is_dir())
+    """The slim_*/ folders `morphnet rebuild` wrote (they hold a structure file or rebuild.json)."""
+    return sorted(p for p in Path(run_dir).glob("slim_*")
+                  if p.is_dir() and ((p / "structure.json").is_file() or (p / REBUILD_SUMMARY).is_file()))
 
 
 def run_entries(run_dir: str | Path) -> list[str]:
