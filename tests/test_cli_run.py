@@ -112,3 +112,22 @@ def test_learn_with_every_target_and_regularizer(tmp_path, target):
 def test_latency_target_without_hardware_says_what_to_add(tmp_path, capsys):
     assert main(["learn", "--steps", "5", "--target", "latency", "--out", str(tmp_path), "--quiet"]) == 2
     assert "--hardware" in capsys.readouterr().err
+
+
+def test_report_shows_timings_layers_and_python_lines_that_load_the_slim_model(fixed_strength_run):
+    import html
+    import re
+
+    import torch
+
+    page = (fixed_strength_run / "report.html").read_text()
+    assert "Time per stage" in page and "retrain slim" in page and "share of FLOPs" in page
+    summary = json.loads((fixed_strength_run / "summary.json").read_text())
+    assert [r["slim"] for r in summary["layers"] if r["name"] in summary["slim"]["widths"]] == \
+        list(summary["slim"]["widths"].values())
+    assert abs(sum(r["share"] for r in summary["layers"]) - 1) < 1e-6
+    code = html.unescape(re.search(r"<h2>Loading the slim model</h2><pre>(.*?)</pre>", page, re.S).group(1))
+    scope: dict = {}
+    exec(code, scope)
+    saved = torch.load(fixed_strength_run / "slim" / "state_dict.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in scope["slim"].state_dict().items())

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import sysconfig
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +20,7 @@ from morphnet.data import DATA_HELP, DataError
 from morphnet.pipeline import files
 from morphnet.pipeline.config import DEFAULT_TARGET_COST, RunConfig
 from morphnet.pipeline.regularizers import UNITS, regularizer_names
+from morphnet.pipeline.resume import Interrupted
 from morphnet.seeds import SeedError, list_seeds
 
 EPILOG = "Docs and examples: README.md. Under torchrun, `learn` and `run` use DistributedDataParallel."
@@ -36,7 +40,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "timm:NAME, package.module:factory or path/to/file.py:factory"))
     group.add_argument("--data", default=None, help=DATA_HELP)
     group.add_argument("--image-size", type=_positive_int, default=None,
-                       help="resize images of folders / torchvision datasets to this size (default: 32 for folders)")
+                       help="resize every image to this size, for every --data (default: the data's own size, 32 for "
+                            "folders, or the fixed size of a model that has one, e.g. 224 for timm ViTs)")
     group.add_argument("--seed", type=int, default=None, help="random seed of initialization, data order and splits (default 0)")
     group.add_argument("--hardware", default=None, help="hardware of the latency model (e.g. V100, T4, H100)")
 
@@ -49,6 +54,20 @@ def _run_options(parser: argparse.ArgumentParser, out_help: str) -> None:
                        help="CPU threads per process (default: PyTorch's choice, lowered to the cores that other "
                             "work leaves idle, since busy threads slow PyTorch down a lot)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; results only")
+
+
+def _folder_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("an --out folder that already holds a run")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (finished stages are skipped; "
+                             "options left out come from its config.json)")
+    choice.add_argument("--overwrite", action="store_true",
+                        help="delete the run in --out (every file it wrote) and start a new one")
+
+
+def _debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full Python traceback")
 
 
 def _learn_options(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +83,8 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
                             f"absolute (default {DEFAULT_TARGET_COST} unless --strength is given)")
     group.add_argument("--tolerance", type=float, default=None, help="accepted relative distance to --target-cost (default 0.05)")
     group.add_argument("--threshold", type=float, default=None,
-                       help="alive threshold of the regularizer's source (default 0.01)")
+                       help="alive threshold of the regularizer's source: gamma, BatchNorm scale (default 0.01); "
+                            "group-lasso, fraction of each layer's initial channel-norm scale (default 0.1)")
     group.add_argument("--steps", type=_positive_int, default=None, help="structure learning steps (default 1500)")
     group.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (default 64)")
     group.add_argument("--lr", type=float, default=None, help="fixed learning rate of structure learning (default 0.05)")
@@ -102,12 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--uniform-baseline", action="store_true", default=None,
                      help="also train the seed with all widths scaled by one factor to the slim network's cost")
     _run_options(run, "run folder (default morphnet_run)")
+    _folder_options(run)
+    _debug_option(run)
 
     learn = commands.add_parser("learn", help="structure learning only: write learned_structure/alive_<step>.json",
                                 epilog=EPILOG)
     _model_options(learn)
     _learn_options(learn)
     _run_options(learn, "run folder (default morphnet_run)")
+    _folder_options(learn)
+    _debug_option(learn)
 
     rebuild = commands.add_parser("rebuild", help="build the slim network from a learned structure",
                                   description="Rebuild the seed with learned widths (the latest structure of "
@@ -118,15 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--target", choices=sorted(UNITS), default=None, help="resource of --expand-to (default flops)")
     _rebuild_options(rebuild)
     rebuild.add_argument("--retrain", action="store_true", help="also retrain the slim network and evaluate it")
-    _run_options(rebuild, "run folder to read the structure from and write slim/ into (default morphnet_run)")
+    rebuild.add_argument("--slim-dir", default=None,
+                         help="folder name inside --out for the slim model (default: slim, or the next free slim_N "
+                              "when taken, so the run's own slim/ is never replaced)")
+    rebuild.add_argument("--overwrite", action="store_true", help="replace --slim-dir when it exists")
+    _run_options(rebuild, "run folder to read the structure from and write the slim model into (default morphnet_run)")
+    _debug_option(rebuild)
 
     cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model")
     _model_options(cost)
     cost.add_argument("--structure", default=None, help="show the slim network built with this alive-count JSON")
     cost.add_argument("--json", action="store_true", help="print the rows as JSON")
+    _debug_option(cost)
 
     report = commands.add_parser("report", help="render a run folder's plots and summary into report.html")
     report.add_argument("run_dir", help="the --out folder of `morphnet run` or `morphnet learn`")
+    _debug_option(report)
     return parser
 
 
@@ -141,18 +172,55 @@ def _config(args: argparse.Namespace, saved: dict | None = None) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
+def _location(error: BaseException) -> str:
+    """Where the innermost cause of ``error`` was raised: the deepest frame outside PyTorch,
+    morphnet and the standard library (the user's model code), else the deepest frame."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    import torch
+
+    libraries = [os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__),
+                 sysconfig.get_paths()["stdlib"]]
+    own = [f for f in frames if not any(os.path.abspath(f.filename).startswith(p) for p in libraries)]
+    frame = (own or frames)[-1]
+    return f"{frame.filename}:{frame.lineno}, in {frame.name}"
+
+
+EXPECTED = (SeedError, DataError, FileNotFoundError, ValueError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``morphnet`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
-    except (SeedError, DataError, FileNotFoundError, ValueError) as error:
-        print(f"morphnet: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("morphnet: interrupted", file=sys.stderr)
+    except BrokenPipeError:  # `morphnet cost | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 141
+    except KeyboardInterrupt as error:
+        if getattr(args, "debug", False):
+            raise
+        saved = isinstance(error, Interrupted)
+        print(f"morphnet: interrupted{': ' + str(error) if saved else ''}", file=sys.stderr)
+        if args.command in ("run", "learn"):
+            out = args.out or RunConfig.out
+            print(f"morphnet: continue with `morphnet {args.command} --resume --out {out}`"
+                  + ("" if saved else " (from the last checkpoint)"), file=sys.stderr)
         return 130
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        expected = isinstance(error, EXPECTED)
+        message = str(error) if expected else f"{type(error).__name__}: {error}"
+        if not expected or error.__cause__ is not None:
+            where = _location(error)
+            message += f" (at {where}; --debug shows the full traceback)" if where else ""
+        print(f"morphnet: error: {message}", file=sys.stderr)
+        return 2 if expected else 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -163,21 +231,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(write_report(Path(args.run_dir)))
         return 0
     if args.command == "cost":
-        rows = pipeline.cost_only(_config(args), args.structure)
-        print(json.dumps(rows, indent=2) if args.json else format_cost_table(rows))
+        rows, header = pipeline.cost_report(_config(args), args.structure)
+        print(json.dumps(rows, indent=2) if args.json else header + "\n" + format_cost_table(rows))
         return 0
+    out = Path(args.out or RunConfig.out)
+    saved_file = out / files.CONFIG
     if args.command == "rebuild":
-        out = Path(args.out or RunConfig.out)
-        saved = files.read_json(out / files.CONFIG) if (out / files.CONFIG).is_file() else None
+        saved = files.read_json(saved_file) if saved_file.is_file() else None
         cfg = _config(args, saved)
         cfg.out = str(out)
-        pipeline.rebuild_only(cfg, args.structure, retrain=args.retrain)
+        pipeline.rebuild_only(cfg, args.structure, retrain=args.retrain, slim_dir=args.slim_dir,
+                              overwrite=args.overwrite)
         return 0
-    cfg = _config(args)
-    if args.command == "learn":
-        pipeline.learn_only(cfg)
-    else:
-        pipeline.run_pipeline(cfg)
+    if args.resume and not saved_file.is_file():
+        raise FileNotFoundError(f"'{out}' holds no run to resume (no {files.CONFIG}); start one without --resume")
+    cfg = _config(args, files.read_json(saved_file) if args.resume else None)
+    job = pipeline.learn_only if args.command == "learn" else pipeline.run_pipeline
+    job(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -8,8 +8,9 @@ import torch
 from morphnet.data.bundle import DataBundle, TensorImages
 
 
-def load_digits_data(test_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:
-    """1797 grey 8x8 digit images (1x8x8 tensors), split into train/test stratified by class.
+def load_digits_data(test_fraction: float = 0.2, split_seed: int = 0, image_size: int | None = None) -> DataBundle:
+    """1797 grey 8x8 digit images (1x8x8 tensors, or upsampled to ``image_size``), split into
+    train/test stratified by class.
 
     The split depends only on ``split_seed`` so that every run of every command sees the same test set.
     """
@@ -25,8 +26,8 @@ def load_digits_data(test_fraction: float = 0.2, split_seed: int = 0) -> DataBun
     mean, std = float(x_train.mean()), float(x_train.std())
     return DataBundle(
         name="digits",
-        train=TensorImages(torch.from_numpy(x_train), torch.from_numpy(y_train), mean, std),
-        test=TensorImages(torch.from_numpy(x_test), torch.from_numpy(y_test), mean, std),
+        train=TensorImages(torch.from_numpy(x_train), torch.from_numpy(y_train), mean, std, size=image_size),
+        test=TensorImages(torch.from_numpy(x_test), torch.from_numpy(y_test), mean, std, size=image_size),
         num_classes=10,
-        input_shape=(1, 8, 8),
+        input_shape=(1, image_size or 8, image_size or 8),
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from morphnet.data.bundle import DataBundle, DataError
+from morphnet.data.bundle import DataBundle, DataError, ImageReadError
 
 
 def _image_transform(image_size: int | None):
@@ -18,6 +18,17 @@ def _image_transform(image_size: int | None):
         steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
     steps += [transforms.ToTensor(), transforms.Normalize(0.5, 0.25)]
     return transforms.Compose(steps)
+
+
+def read_image(path: str):
+    """Open one image as RGB; an unreadable file raises ``ImageReadError`` naming it."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as error:  # PIL raises several types for broken files
+        raise ImageReadError(f"cannot read image '{path}' ({type(error).__name__}: {error}); "
+                             "delete or replace the file") from None
 
 
 def _bundle(name: str, train: Dataset, test: Dataset, num_classes: int) -> DataBundle:
@@ -46,10 +57,10 @@ def load_image_folder(
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     try:
         if (root / "train").is_dir() and test_dir is not None:
-            train = ImageFolder(root / "train", transform=transform)
-            test = ImageFolder(test_dir, transform=transform)
+            train = ImageFolder(root / "train", transform=transform, loader=read_image)
+            test = ImageFolder(test_dir, transform=transform, loader=read_image)
             return _bundle(str(root), train, test, len(train.classes))
-        full = ImageFolder(root, transform=transform)
+        full = ImageFolder(root, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise DataError(f"cannot read images under '{root}': {error}") from error
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed)).tolist()

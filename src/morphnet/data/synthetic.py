@@ -87,15 +87,17 @@ class SyntheticImages:
         return torch.from_numpy(pixels), torch.from_numpy(labels)
 
 
-def load_synthetic_data(num_train: int = 10000, num_test: int = 2000, seed: int = 0) -> DataBundle:
-    """The generated set with ``num_train`` / ``num_test`` images; ``seed`` fixes the task and pixels."""
+def load_synthetic_data(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
+                        image_size: int | None = None) -> DataBundle:
+    """The generated set with ``num_train`` / ``num_test`` images; ``seed`` fixes the task and pixels.
+    Images are generated at 32x32 and, with ``image_size``, resized on access."""
     generator = SyntheticImages(seed=seed)
     x_train, y_train = generator.sample(num_train, seed=seed * 2 + 1)
     x_test, y_test = generator.sample(num_test, seed=seed * 2 + 2)
     return DataBundle(
         name=f"synthetic:{num_train}",
-        train=TensorImages(x_train, y_train, mean=0.5, std=0.25),
-        test=TensorImages(x_test, y_test, mean=0.5, std=0.25),
+        train=TensorImages(x_train, y_train, mean=0.5, std=0.25, size=image_size),
+        test=TensorImages(x_test, y_test, mean=0.5, std=0.25, size=image_size),
         num_classes=generator.num_classes,
-        input_shape=(3, _SIZE, _SIZE),
+        input_shape=(3, image_size or _SIZE, image_size or _SIZE),
     )

@@ -6,14 +6,17 @@ layer over these functions.
 """
 
 from morphnet.pipeline.config import RunConfig
+from morphnet.pipeline.files import RunExists
 from morphnet.pipeline.controller import StrengthController, select_candidate
 from morphnet.pipeline.regularizers import make_regularizer, register_regularizer, regularizer_names
-from morphnet.pipeline.run import cost_only, learn_only, rebuild_only, run_pipeline
+from morphnet.pipeline.run import cost_only, cost_report, learn_only, rebuild_only, run_pipeline
 
 __all__ = [
     "RunConfig",
+    "RunExists",
     "StrengthController",
     "cost_only",
+    "cost_report",
     "learn_only",
     "make_regularizer",
     "rebuild_only",

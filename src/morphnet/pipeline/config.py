@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from morphnet.data import default_data
+
 DEFAULT_TARGET_COST = 0.5
+#: Fields that do not change what a run computes: a resumed run may set them differently.
+RUNTIME_FIELDS = ("out", "device", "threads", "quiet")
 
 
 @dataclass
@@ -16,10 +20,12 @@ class RunConfig:
     ``strength`` alone gives the original fixed-strength behaviour; ``target_cost`` (a fraction of
     the seed's cost when <= 1, else an absolute cost in the target's unit) steers the strength,
     starting from ``strength`` or 1/seed cost. With neither, ``target_cost`` defaults to 0.5.
+    ``data=None`` picks the default data of ``model`` (see ``morphnet.data.default_data``).
+    Invalid values raise ``ValueError`` here, before a run writes anything.
     """
 
     model: str = "digits_cnn"
-    data: str = "digits"
+    data: str | None = None
     target: str = "flops"
     regularizer: str = "gamma"
     hardware: str | None = None
@@ -48,15 +54,52 @@ class RunConfig:
     def __post_init__(self):
         if self.strength is None and self.target_cost is None:
             self.target_cost = DEFAULT_TARGET_COST
-        if self.strength is not None and self.strength < 0:
-            raise ValueError(f"--strength must be >= 0, got {self.strength}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.data is None:
+            self.data = default_data(self.model)
         if self.retrain_steps is None:
             self.retrain_steps = self.steps
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the option when a value cannot work."""
+        from morphnet.costs.hardware import get_hardware
+        from morphnet.pipeline.regularizers import UNITS, regularizer_names, regularizer_targets
+
+        def positive(name: str, value, allow_zero: bool = False) -> None:
+            if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+                raise ValueError(f"--{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+        if self.target not in UNITS:
+            raise ValueError(f"--target must be one of {', '.join(UNITS)}, got '{self.target}'")
+        if self.regularizer not in regularizer_names():
+            raise ValueError(f"--regularizer must be one of {', '.join(regularizer_names())}, got '{self.regularizer}'")
+        if self.target not in regularizer_targets(self.regularizer):
+            raise ValueError(f"regularizer '{self.regularizer}' has no '{self.target}' target; it supports "
+                             f"{', '.join(regularizer_targets(self.regularizer))}")
+        if self.target == "latency" and not self.hardware:
+            raise ValueError("--target latency needs --hardware NAME (for example V100, T4, H100)")
+        if self.hardware:
+            get_hardware(self.hardware)  # an unknown name raises, listing the known ones
+        positive("strength", self.strength, allow_zero=True)
+        positive("target-cost", self.target_cost)
+        positive("expand-to", self.expand_to)
+        positive("threshold", self.threshold, allow_zero=True)
+        positive("lr", self.lr)
+        positive("retrain-lr", self.retrain_lr)
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
+        for name in ("steps", "retrain_steps", "batch_size", "log_every", "export_every", "round_to", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """The settings (other than where and how it runs) in which ``other`` differs from this one."""
+        return [f"--{f.name.replace('_', '-')} {getattr(other, f.name)} (the run has {getattr(self, f.name)})"
+                for f in fields(self) if f.name not in RUNTIME_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":

@@ -8,7 +8,7 @@ record the proposed structure (alive counts and its cost) as it evolves, write
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphnet
-from morphnet.control import Candidate
 from morphnet.data import DataBundle
 from morphnet.pipeline import files
 from morphnet.pipeline.config import RunConfig
+from morphnet.control import Candidate
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.regularizers import make_regularizer
+from morphnet.pipeline.resume import Checkpointer, Interrupted, gather_rng, restore_rng
 from morphnet.pipeline.training import Meter, evaluate, infinite_batches, make_optimizer
 
 
@@ -42,13 +43,32 @@ class LearnResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (for ``checkpoints/state.json``)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "chosen": asdict(self.chosen), "structure_file": str(self.structure_file)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LearnResult":
+        return cls(**{**data, "chosen": Candidate(**data["chosen"]), "structure_file": Path(data["structure_file"])})
+
+
+#: The checkpoint of structure learning, inside the run folder.
+CHECKPOINT = f"{files.CHECKPOINTS}/learn.pt"
+
 
 def learn_structure(
-    cfg: RunConfig, ctx: DistContext, data: DataBundle, model: nn.Module, *, writer=None, progress=None
+    cfg: RunConfig, ctx: DistContext, data: DataBundle, model: nn.Module, *, writer=None, progress=None,
+    checkpointer: Checkpointer | None = None, resume: dict | None = None,
 ) -> LearnResult:
     """Run structure learning on ``model`` (on ``ctx.device``; trained in place) and return the
     chosen structure: the last step's, or in target-cost mode the latest one that lands within
-    tolerance of the target (else the closest)."""
+    tolerance of the target (else the closest).
+
+    The loop's whole state goes to ``checkpoints/learn.pt`` at every export step and whenever
+    ``checkpointer`` says so; ``resume`` (that file's content) continues from its step. Raises
+    ``Interrupted`` after saving when the checkpointer says stop (Ctrl-C).
+    """
     start = time.perf_counter()
     out = Path(cfg.out)
     example = data.example_inputs(1).to(ctx.device)
@@ -69,17 +89,41 @@ def learn_structure(
     target_cost = controller.target if controller is not None else None
     strength = initial_strength
 
-    net = ctx.wrap(model)
-    net.train()
     optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
-    batches = infinite_batches(data.train, cfg.batch_size, seed=cfg.seed, ctx=ctx)
     meter = Meter()
     history: list[dict[str, Any]] = []
-    last: Candidate | None = None
-    export_every = cfg.export_every or max(1, cfg.steps // 10)
+    last: Candidate | None = None  # fixed strength: the last step's structure (TargetCost keeps its own)
     exported: set[int] = set()
+    first, earlier_seconds = 1, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        meter.load_state_dict(resume["meter"])
+        strength, history, last = resume["strength"], resume["history"], resume["last"]
+        exported, earlier_seconds, first = set(resume["exported"]), resume["seconds"], resume["step"] + 1
+        if controller is not None:
+            controller.load_state_dict(resume["controller"])
+        if progress is not None:
+            progress.update(first - 1)
+    net = ctx.wrap(model)
+    net.train()
+    batches = infinite_batches(data.train, cfg.batch_size, seed=cfg.seed, ctx=ctx, start=first - 1)
+    export_every = cfg.export_every or max(1, cfg.steps // 10)
+    if resume is not None:
+        restore_rng(ctx, resume["rng"])
 
-    for step in range(1, cfg.steps + 1):
+    def save(step: int) -> None:
+        rng = gather_rng(ctx)
+        if ctx.is_main:
+            files.save_checkpoint(out / CHECKPOINT, {
+                "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "strength": strength, "controller": controller.state_dict() if controller else None,
+                "meter": meter.state_dict(), "history": history, "last": last,
+                "exported": sorted(exported), "rng": rng, "world_size": ctx.world_size,
+                "seconds": earlier_seconds + time.perf_counter() - start,
+            })
+
+    for step in range(first, cfg.steps + 1):
         x, y = next(batches)
         logits = net(x)
         task_loss = F.cross_entropy(logits, y)
@@ -94,6 +138,7 @@ def learn_structure(
             progress.update(1)
 
         logging = step % cfg.log_every == 0 or step == cfg.steps
+        export = logging and (step % export_every == 0 or step == cfg.steps)
         next_strength = controller.update(step) if controller is not None else strength
         if logging:
             if controller is not None:
@@ -104,16 +149,10 @@ def learn_structure(
             record = {"step": step, "cost": cost, "strength": strength, **meter.flush()}
             if controller is not None:
                 record["reference"] = controller.reference(step)
-            if step % export_every == 0 or step == cfg.steps:
-                if ctx.is_main:
-                    exporter.create_file_and_save_alive_counts(out, step)
-                    exported.add(step)
-                    record["test_accuracy"] = evaluate(model, data.test, ctx.device)
-                    files.save_checkpoint(out / files.CHECKPOINTS / "learn.pt", {
-                        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "strength": next_strength,
-                        "controller": controller.state_dict() if controller is not None else None,
-                    })
+            if export and ctx.is_main:
+                exporter.create_file_and_save_alive_counts(out, step)
+                exported.add(step)
+                record["test_accuracy"] = evaluate(model, data.test, ctx.device)
             history.append(record)
             if writer is not None:
                 morphnet.write_summaries(writer, reg, step, alive_counts=True)
@@ -123,6 +162,14 @@ def learn_structure(
             if progress is not None:
                 progress.set_postfix(cost=f"{cost / seed_cost:.3f}x", acc=f"{record['train_accuracy']:.3f}")
         strength = next_strength
+        if checkpointer is not None:
+            do_save, stop = checkpointer.poll(always=export, sync_point=logging)
+        else:
+            do_save, stop = export, False
+        if do_save:
+            save(step)
+        if stop and step < cfg.steps:
+            raise Interrupted(f"structure learning stopped after step {step} of {cfg.steps}")
 
     # target-cost mode: the latest structure within 1% of the target, else within tolerance, else
     # the closest (TargetCost keeps it, identical on every rank); fixed strength: the last step's.
@@ -136,5 +183,5 @@ def learn_structure(
         regularizer_name=reg.name, cost_name=reg.cost_name, seed_cost=seed_cost, seed_widths=seed_widths,
         chosen=chosen, structure_file=structure_file, initial_strength=initial_strength,
         final_strength=strength, target_cost=target_cost, ranks_agree=agree,
-        seconds=time.perf_counter() - start, history=history,
+        seconds=earlier_seconds + time.perf_counter() - start, history=history,
     )

@@ -32,6 +32,11 @@ def regularizer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def regularizer_targets(name: str) -> list[str]:
+    """The ``--target`` values regularizer ``name`` supports (empty for an unknown name)."""
+    return sorted(_REGISTRY.get(name, {}))
+
+
 def make_regularizer(
     name: str, target: str, model: nn.Module, example_inputs: Any, *,
     threshold: float | None = None, hardware: str | None = None,
@@ -48,11 +53,11 @@ def make_regularizer(
     return _REGISTRY[name][target](model, example_inputs, threshold, hardware)
 
 
-def _core(class_name: str, threshold_arg: str, default_threshold: float) -> RegularizerFactory:
-    """A factory for one of morphnet's own regularizer classes."""
+def _core(class_name: str, threshold_arg: str, default_threshold: float, **options: Any) -> RegularizerFactory:
+    """A factory for one of morphnet's own regularizer classes (``options`` go to its constructor)."""
 
     def build(model: nn.Module, example_inputs: Any, threshold: float | None, hardware: str | None):
-        kwargs = {threshold_arg: default_threshold if threshold is None else threshold}
+        kwargs = {threshold_arg: default_threshold if threshold is None else threshold, **options}
         if "Latency" in class_name:
             kwargs["hardware"] = hardware
         return getattr(morphnet, class_name)(model, example_inputs, **kwargs)
@@ -62,7 +67,9 @@ def _core(class_name: str, threshold_arg: str, default_threshold: float) -> Regu
 
 for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency"), ("activations", "Activation")]:
     register_regularizer("gamma", _target, _core(f"Gamma{_suffix}Regularizer", "gamma_threshold", 1e-2))
-    register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", 1e-2))
+    # group lasso: alive above 0.1 x each layer's initial channel-norm scale, whatever its initialization
+    register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", 0.1,
+                                                       relative_threshold=True))
 
 
 def _gated(class_name: str) -> RegularizerFactory:

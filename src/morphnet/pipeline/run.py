@@ -1,12 +1,16 @@
 """The whole pipeline, and the stages the CLI runs on their own: learn, rebuild, retrain, report.
 
-Every function here writes into one run folder (see ``files``); only rank 0 writes or prints.
+Every function here writes into one run folder (see ``files``); only rank 0 writes or prints. A
+folder that already holds a run is never replaced silently: a new job there needs ``resume``
+(continue from the last checkpoint, skipping finished stages) or ``overwrite`` (remove the old
+run first).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,43 +25,165 @@ from morphnet.pipeline import distributed, files
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.controller import resolve_target
 from morphnet.pipeline.distributed import DistContext
+from morphnet.pipeline.learn import CHECKPOINT as LEARN_CHECKPOINT
 from morphnet.pipeline.learn import LearnResult, learn_structure
 from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, load_structure, rebuild
 from morphnet.pipeline.regularizers import UNITS
+from morphnet.pipeline.resume import Checkpointer, Interrupted, RunState, gather_rng, restore_rng
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
-from morphnet.reporting import format_summary, format_widths, write_report
+from morphnet.reporting import format_number, format_summary, format_widths, write_report
 from morphnet.seeds import create_seed
 
 #: In target-cost mode a learned structure further than this from the target is corrected with a
 #: uniform width multiplier (the controller usually lands closer; this only trims the residual).
 CORRECTION_THRESHOLD = 0.01
+#: The learned model with its gates removed, kept so a resumed run rebuilds from the same weights.
+LEARNED = f"{files.CHECKPOINTS}/learned.pt"
+#: How a job treats a run folder that may hold a run: refuse one ("new"), continue it ("resume"),
+#: replace it ("overwrite"), or add to it without touching the run's own files ("reuse": rebuild).
+MODES = ("new", "resume", "overwrite", "reuse")
+
+
+class LineProgress:
+    """Progress as plain lines on stdout (every tenth of the total), for output that is not a
+    terminal: logs and CI keep readable lines instead of carriage-return animations."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.every = max(1, total // 10)
+
+    def update(self, count: int = 1) -> None:
+        before, self.n = self.n, self.n + count
+        if self.n // self.every > before // self.every or (self.n == self.total and before < self.total):
+            print(f"{self.desc}: {self.n}/{self.total} steps{self.postfix}", flush=True)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = "".join(f", {key} {value}" for key, value in values.items())
+
+    def close(self) -> None:
+        pass
+
+
+def fixed_input_size(model: nn.Module) -> int | None:
+    """The one square input size a model accepts, when it declares one (timm ViT, DeiT, Swin:
+    ``patch_embed.img_size`` with a strict size); None when any size works."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or getattr(embed, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+        return None
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return int(size[0]) if size[0] == size[1] else None
+
+
+def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[str, Any]]:
+    """Load ``cfg.data`` and check that ``cfg.model`` runs on it; return the data and the extra
+    arguments of ``create_seed``. A model with a fixed input size (timm ViT: ``img_size``) gets
+    the data resized to that size, or is built for ``--image-size`` when given (timm only).
+    Anything else that does not fit ends in one ``ValueError`` that names the option to change."""
+    data = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
+    kwargs: dict[str, Any] = {}
+
+    def build() -> nn.Module:
+        torch.manual_seed(cfg.seed)
+        return create_seed(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[0], **kwargs)
+
+    model = build()
+    fixed, size = fixed_input_size(model), data.input_shape[-1]
+    if fixed is not None and fixed != size:
+        if cfg.image_size is None:
+            log(f"{cfg.model} takes {fixed}x{fixed} images (its img_size): resizing {data.name} to {fixed}x{fixed}; "
+                f"pass --image-size N to build the model for another size")
+            cfg.image_size = fixed
+            data = load_data(cfg.data, seed=cfg.seed, image_size=fixed)
+        elif cfg.model.startswith("timm:"):
+            kwargs["img_size"] = cfg.image_size
+            model = build()
+        else:
+            raise ValueError(f"model '{cfg.model}' takes {fixed}x{fixed} images only; pass --image-size {fixed}")
+    example = data.example_inputs(1)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as error:
+        raise ValueError(
+            f"model '{cfg.model}' fails on a {'x'.join(map(str, example.shape))} batch of {data.name} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); pass a --data "
+            f"or --image-size that fits the model"
+        ) from error
+    model.train(was_training)
+    return data, kwargs
 
 
 class Session:
-    """What every stage needs: the config, the process group, the data and a seed factory."""
+    """What every stage needs: the config, the process group, the data, a seed factory, the run
+    folder's state and the checkpointer. Nothing is written before the config, the data and the
+    model have been checked and the folder's mode (see ``MODES``) allows it."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, mode: str = "new"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         self.cfg = cfg
+        self.mode = mode
         self.out = Path(cfg.out)
         self.writer = None
+        self.state: RunState | None = None
         self.threads = torch.get_num_threads()  # restored by close()
         self.ctx: DistContext = distributed.setup(cfg.device)
+        self.checkpointer = Checkpointer(self.ctx)
         try:
             if self.ctx.device.type == "cpu":
                 torch.set_num_threads(cfg.threads or idle_threads())
-            self.data: DataBundle = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
+            self.data, self.seed_kwargs = prepare_model_and_data(cfg, self.log)
+            if mode == "resume":
+                self._check_resumable()
             self.example = self.data.example_inputs(1)
-            self.new_seed()  # fail early on an unknown model, before any work
+            self._prepare_folder()
         except BaseException:
             self.close()
             raise
+        if mode != "reuse":
+            self.state = RunState(self.out, self.ctx, load=mode == "resume")
+            self.checkpointer.install()
+
+    def _check_resumable(self) -> None:
+        config = self.out / files.CONFIG
+        if not config.is_file():
+            raise FileNotFoundError(f"'{self.out}' holds no run to resume (no {files.CONFIG}); start one without --resume")
+        saved = RunConfig.from_dict(files.read_json(config))
+        differences = saved.differences(self.cfg)
+        if differences:
+            raise ValueError(f"--resume continues the run in '{self.out}' as it was configured, but "
+                             f"{'; '.join(differences)}; leave these options out, or start a new run with "
+                             f"--overwrite or another --out")
+
+    def _prepare_folder(self) -> None:
+        """Refuse, clear or keep the run folder (rank 0 decides, every rank follows)."""
+        problem = None
         if self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                if self.mode == "new":
+                    files.refuse_existing_run(self.out)
+                elif self.mode == "overwrite":
+                    files.clear_run(self.out)
+                self.out.mkdir(parents=True, exist_ok=True)
+                if self.mode in ("new", "overwrite"):
+                    files.write_json(self.out / files.CONFIG, self.cfg.to_dict())
+            except (OSError, ValueError) as error:
+                problem = error
+        problem = self.ctx.broadcast(problem)
+        if problem is not None:
+            raise problem
+
+    @property
+    def resuming(self) -> bool:
+        return self.mode == "resume"
 
     def new_seed(self) -> nn.Module:
         """A freshly initialized seed network (the same weights every call)."""
         torch.manual_seed(self.cfg.seed)
-        return create_seed(self.cfg.model, num_classes=self.data.num_classes, in_channels=self.data.input_shape[0])
+        return create_seed(self.cfg.model, num_classes=self.data.num_classes, in_channels=self.data.input_shape[0],
+                           **self.seed_kwargs)
 
     def log(self, message: str) -> None:
         if self.ctx.is_main and not self.cfg.quiet:
@@ -65,14 +191,20 @@ class Session:
 
     @contextmanager
     def progress(self, total: int, desc: str) -> Iterator[Any]:
-        """A tqdm bar on rank 0 unless quiet."""
-        from tqdm.auto import tqdm
+        """A tqdm bar on rank 0 when stderr is a terminal, plain lines otherwise; nothing when quiet."""
+        if self.cfg.quiet or not self.ctx.is_main:
+            bar: Any = None
+        elif sys.stderr.isatty():
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=desc, disable=self.cfg.quiet or not self.ctx.is_main, leave=False, dynamic_ncols=True)
+            bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        else:
+            bar = LineProgress(total, desc)
         try:
             yield bar
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
 
     def tensorboard(self):
         """The run's TensorBoard writer (rank 0 only; None elsewhere)."""
@@ -83,6 +215,7 @@ class Session:
         return self.writer
 
     def close(self) -> None:
+        self.checkpointer.uninstall()
         if self.writer is not None:
             self.writer.close()
         torch.set_num_threads(self.threads)
@@ -106,17 +239,29 @@ def _measure(model: nn.Module, example: torch.Tensor, resource: str, hardware: s
 
 
 def learn_stage(session: Session) -> tuple[nn.Module, LearnResult]:
-    """Structure learning on a fresh seed; writes config, structures, checkpoint and TensorBoard."""
+    """Structure learning on a fresh seed (continued from its checkpoint when resuming; skipped
+    when it finished earlier); writes structures, checkpoints and TensorBoard. Returns the
+    learned seed, gates removed, on the CPU."""
     cfg, ctx = session.cfg, session.ctx
-    if ctx.is_main:
-        files.write_json(session.out / files.CONFIG, cfg.to_dict())
-        for stale in (session.out / files.STRUCTURES).glob("alive_*.json"):  # from an earlier run in this folder
-            stale.unlink()
+    done = session.state.done("learn")
+    if done is not None:
+        seed = morphnet.remove_gates(session.new_seed())
+        seed.load_state_dict(files.load_checkpoint(session.out / LEARNED)["model"])
+        session.log("structure learning finished earlier; continuing with the later stages")
+        return seed, LearnResult.from_dict(done)
     seed = session.new_seed().to(ctx.device)
+    checkpoint = session.out / LEARN_CHECKPOINT
+    resume = files.load_checkpoint(checkpoint) if session.resuming and checkpoint.is_file() else None
     session.log(f"learning the structure of {cfg.model} on {session.data.name} "
-                f"({cfg.regularizer} regularizer, {cfg.target} target, {cfg.steps} steps, {ctx.world_size} process(es))")
-    with session.progress(cfg.steps, "learn") as bar:
-        result = learn_structure(cfg, ctx, session.data, seed, writer=session.tensorboard(), progress=bar)
+                f"({cfg.regularizer} regularizer, {cfg.target} target, {cfg.steps} steps, {ctx.world_size} process(es))"
+                + (f", resumed after step {resume['step']}" if resume else ""))
+    with session.progress(cfg.steps, "learn") as bar, session.checkpointer.loop():
+        result = learn_structure(cfg, ctx, session.data, seed, writer=session.tensorboard(), progress=bar,
+                                 checkpointer=session.checkpointer, resume=resume)
+    seed = morphnet.remove_gates(seed).cpu()  # FiGS gates served structure learning; the slim net retrains without
+    if ctx.is_main:
+        files.save_checkpoint(session.out / LEARNED, {"model": seed.state_dict()})
+    session.state.finish("learn", result.to_dict())
     return seed, result
 
 
@@ -137,10 +282,56 @@ def learn_summary(cfg: RunConfig, ctx: DistContext, result: LearnResult, seed_st
             "step": result.chosen.step, "cost": result.chosen.cost, "widths": result.chosen.counts,
             "cost_ratio": result.chosen.cost / result.seed_cost,
             "target_error": None if target is None else result.chosen.cost / target - 1,
-            "structure_file": str(result.structure_file.relative_to(cfg.out)),
+            "structure_file": str(Path(result.structure_file).relative_to(cfg.out)),
         },
         "seconds": {"learn": result.seconds},
     }
+
+
+def outcome(summary: dict[str, Any]) -> list[str]:
+    """Plain warnings about how the run ended: learning far from the target, and a target that
+    only the uniform width multiplier reached. Empty when the learned structure landed."""
+    target, learned, slim = summary["target"], summary["learned"], summary.get("slim", {})
+    cfg = summary["config"]
+    notes = []
+    error = learned.get("target_error")
+    if error is not None and abs(error) > target["tolerance"]:
+        direction = "above" if error > 0 else "below"
+        advice = ("more --steps (the strength ramps up over the first half of learning) or a higher starting "
+                  "--strength" if error > 0 else "a lower starting --strength or more --steps")
+        notes.append(f"structure learning ended {abs(error):.0%} {direction} the target after {cfg['steps']} steps "
+                     f"(tolerance {target['tolerance']:.0%}); try {advice}")
+        if slim.get("width_multiplier") is not None:
+            notes.append(f"the slim network reaches the target only through the uniform width multiplier "
+                         f"(x{slim['width_multiplier']:.3f} on every layer), not through learned widths")
+    return notes
+
+
+def reduction(summary: dict[str, Any]) -> dict[str, float] | None:
+    """How the seed's cost became the slim network's: the learned widths' share and the uniform
+    width multiplier's share, as ratios that multiply to ``slim / seed``."""
+    seed, learned, slim = summary["seed"], summary["learned"], summary.get("slim")
+    if not slim or not seed.get("cost") or not learned.get("cost"):
+        return None
+    return {"learning": learned["cost"] / seed["cost"], "width_multiplier": slim["cost"] / learned["cost"],
+            "total": slim["cost"] / seed["cost"]}
+
+
+def layer_table(seed: nn.Module, slim: nn.Module | None, learned: dict[str, int], example: torch.Tensor) -> list[dict]:
+    """Per conv / linear layer: seed, learned and slim widths, seed and slim FLOPs, and the
+    layer's share of the slim network's FLOPs (of the seed's when there is no slim network)."""
+    seed_rows = [r for r in morphnet.cost_table(seed.cpu(), example) if r.get("channels")]
+    slim_rows = {r["name"]: r for r in morphnet.cost_table(slim.cpu(), example)} if slim is not None else {}
+    total = sum(r["flops"] for r in (slim_rows.values() if slim is not None else seed_rows)) or 1.0
+    table = []
+    for row in seed_rows:
+        name, thin = row["name"], slim_rows.get(row["name"], {})
+        flops = thin.get("flops", 0.0) if slim is not None else row["flops"]
+        table.append({"name": name, "seed": row["channels"], "learned": learned.get(name, row["channels"]),
+                      "slim": thin.get("channels", 0) if slim is not None else None,
+                      "seed_flops": row["flops"], "slim_flops": thin.get("flops", 0.0) if slim is not None else None,
+                      "share": flops / total})
+    return table
 
 
 def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, learned_cost: float | None,
@@ -173,16 +364,30 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
         predicted = float(morphnet.compute_cost(rebuilt.model, session.example, resource=cfg.target,
                                                 hardware=cfg.hardware))
     if rebuilt.width_multiplier is not None:
-        session.log(f"uniform width multiplier {rebuilt.width_multiplier:.4f} to reach {budget:.4g} {UNITS[cfg.target]}")
+        session.log(f"uniform width multiplier {rebuilt.width_multiplier:.4f} to reach "
+                    f"{format_number(budget)} {UNITS[cfg.target]}")
     return rebuilt, predicted
 
 
-def retrain_stage(session: Session, model: nn.Module, name: str, history: dict) -> tuple[float, float]:
-    """Train ``model`` from its fresh weights with the normal recipe; return (test accuracy, seconds)."""
-    cfg, ctx = session.cfg, session.ctx
-    start = time.perf_counter()
+def retrain_stage(session: Session, model: nn.Module, name: str, history: dict,
+                  save=None) -> tuple[float, float]:
+    """Train ``model`` from its fresh weights with the normal recipe; return (test accuracy,
+    seconds). ``save(model)`` runs on rank 0 once training ends, before the stage counts as done.
+    In a run folder, the stage checkpoints to ``checkpoints/<name>.pt``, continues from it when
+    resuming, and is skipped when it finished earlier."""
+    cfg, ctx, state = session.cfg, session.ctx, session.state
+    done = state.done(name) if state is not None else None
+    if done is not None:
+        history[name] = done["records"]
+        return done["accuracy"], done["seconds"]
+    checkpoint = session.out / files.CHECKPOINTS / f"{name}.pt"
+    resume = files.load_checkpoint(checkpoint) if session.resuming and checkpoint.is_file() else None
+    start, earlier = time.perf_counter(), resume["seconds"] if resume else 0.0
+    records: list[dict] = resume["records"] if resume else []
+    if resume:
+        model.load_state_dict(resume["model"])
+        session.log(f"{name}: resumed after step {resume['step']}")
     model.to(ctx.device)
-    records: list[dict] = []
     writer = session.tensorboard()
     eval_every = max(1, cfg.retrain_steps // 10)
 
@@ -194,11 +399,33 @@ def retrain_stage(session: Session, model: nn.Module, name: str, history: dict) 
             for key, value in metrics.items():
                 writer.add_scalar(f"{name}/{key}", value, step)
 
-    with session.progress(cfg.retrain_steps, name) as bar:
+    def on_step(step: int, snapshot) -> None:
+        save_now, stop = session.checkpointer.poll(sync_point=step % cfg.log_every == 0 or step == cfg.retrain_steps)
+        if save_now:
+            rng = gather_rng(ctx)
+            if ctx.is_main:
+                files.save_checkpoint(checkpoint, {**snapshot(), "model": model.state_dict(), "records": records,
+                                                   "rng": rng, "seconds": earlier + time.perf_counter() - start})
+        if stop and step < cfg.retrain_steps:
+            raise Interrupted(f"{name} stopped after step {step} of {cfg.retrain_steps}")
+
+    if resume:
+        restore_rng(ctx, resume["rng"])
+    with session.progress(cfg.retrain_steps, name) as bar, session.checkpointer.loop():
+        if bar is not None and resume:
+            bar.update(resume["step"])
         train(model, session.data.train, steps=cfg.retrain_steps, lr=cfg.retrain_lr, batch_size=cfg.batch_size,
-              seed=cfg.seed, ctx=ctx, on_log=on_log, log_every=cfg.log_every, progress=bar)
+              seed=cfg.seed, ctx=ctx, on_log=on_log, log_every=cfg.log_every, progress=bar,
+              state=resume, on_step=on_step if state is not None else None)
+    if save is not None and ctx.is_main:
+        save(model)
     history[name] = records
-    return records[-1]["test_accuracy"], time.perf_counter() - start
+    accuracy, seconds = records[-1]["test_accuracy"], earlier + time.perf_counter() - start
+    if state is not None:
+        state.finish(name, {"accuracy": accuracy, "seconds": seconds, "records": records})
+        if ctx.is_main and checkpoint.is_file():
+            checkpoint.unlink()
+    return accuracy, seconds
 
 
 def uniform_stage(session: Session, seed_widths: dict[str, int], budget: float,
@@ -221,6 +448,11 @@ def uniform_stage(session: Session, seed_widths: dict[str, int], budget: float,
 
 def finish(session: Session, summary: dict, history: dict) -> dict:
     """Write summary.json, history.json, plots and report.html (rank 0); print the summary."""
+    summary["seconds"]["total"] = sum(summary["seconds"].values())
+    summary["reduction"] = reduction(summary)
+    summary["warnings"] = outcome(summary)
+    summary["input"] = {"data": session.data.name, "shape": list(session.data.input_shape),
+                        "num_classes": session.data.num_classes, "seed_kwargs": session.seed_kwargs}
     if session.ctx.is_main:
         files.write_json(session.out / files.SUMMARY, summary)
         files.write_json(session.out / files.HISTORY, history)
@@ -229,72 +461,93 @@ def finish(session: Session, summary: dict, history: dict) -> dict:
     return summary
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+def _mode(resume: bool, overwrite: bool) -> str:
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+    return "resume" if resume else "overwrite" if overwrite else "new"
+
+
+def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Learn the structure, rebuild, retrain slim and seed with the same recipe, evaluate, report.
 
-    Returns the summary (also written to ``cfg.out/summary.json``).
+    ``cfg.out`` must not hold a run unless ``resume`` (continue it from its last checkpoint) or
+    ``overwrite`` (replace it). Returns the summary (also written to ``cfg.out/summary.json``).
     """
-    session = Session(cfg)
+    session = Session(cfg, _mode(resume, overwrite))
     try:
-        start = time.perf_counter()
         seed, result = learn_stage(session)
-        seed = morphnet.remove_gates(seed)  # FiGS gates served structure learning; the slim net retrains without
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
         history: dict[str, Any] = {"learn": result.history}
+        start = time.perf_counter()
         rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
                                            seed_cost=result.seed_cost, target_cost=result.target_cost)
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
+        summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model), result.chosen.counts, session.example)
+        summary["seconds"]["rebuild"] = time.perf_counter() - start
         summary["slim"] = {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
                            "width_multiplier": rebuilt.width_multiplier, "dir": files.SLIM}
         if result.target_cost is not None:
             summary["slim"]["target_error"] = slim_stats["cost"] / result.target_cost - 1
         session.log("retraining the slim network from scratch")
-        slim = rebuilt.model
-        summary["slim"]["accuracy"], summary["seconds"]["retrain_slim"] = retrain_stage(session, slim, "retrain_slim", history)
-        if session.ctx.is_main:
-            morphnet.save_slim(session.out / files.SLIM, slim.cpu(), rebuilt.counts)
+        summary["slim"]["accuracy"], summary["seconds"]["retrain_slim"] = retrain_stage(
+            session, rebuilt.model, "retrain_slim", history,
+            save=lambda model: morphnet.save_slim(session.out / files.SLIM, model.cpu(), rebuilt.counts))
         summary["seed"]["accuracy"] = None
         if cfg.baseline:
             session.log("training the seed network with the same recipe, for comparison")
             baseline = session.new_seed()
-            summary["seed"]["accuracy"], summary["seconds"]["retrain_seed"] = retrain_stage(session, baseline, "retrain_seed", history)
-            if session.ctx.is_main:
-                files.save_checkpoint(session.out / files.CHECKPOINTS / "seed.pt", {"model": baseline.state_dict()})
+            summary["seed"]["accuracy"], summary["seconds"]["retrain_seed"] = retrain_stage(
+                session, baseline, "retrain_seed", history,
+                save=lambda model: files.save_checkpoint(session.out / files.CHECKPOINTS / "seed.pt",
+                                                         {"model": model.state_dict()}))
         if cfg.uniform_baseline:
             summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
                 session, result.seed_widths, slim_stats["cost"], history)
-        summary["seconds"]["total"] = time.perf_counter() - start
         return finish(session, summary, history)
     finally:
         session.close()
 
 
-def learn_only(cfg: RunConfig) -> dict[str, Any]:
-    """Structure learning alone (``morphnet learn``): structures, checkpoint, summary, plots."""
-    session = Session(cfg)
+def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Structure learning alone (``morphnet learn``): structures, checkpoint, summary, plots.
+    ``resume`` and ``overwrite`` as in :func:`run_pipeline`."""
+    session = Session(cfg, _mode(resume, overwrite))
     try:
-        _, result = learn_stage(session)
+        seed, result = learn_stage(session)
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
+        summary["layers"] = layer_table(seed, None, result.chosen.counts, session.example)
         return finish(session, summary, {"learn": result.history})
     finally:
         session.close()
 
 
-def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain: bool = False) -> dict[str, Any]:
+def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain: bool = False,
+                 slim_dir: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``morphnet rebuild``: build the slim network from a structure file (default: the latest in
     ``cfg.out``), optionally expanded to ``cfg.expand_to``; save it, and with ``retrain`` train it
-    from scratch and evaluate it."""
+    from scratch and evaluate it.
+
+    The slim model goes to ``cfg.out/<slim_dir>`` (default: ``slim`` or, when taken, the next free
+    ``slim_N``), with ``rebuild.json`` describing it; an existing folder is replaced only with
+    ``overwrite``, and the run's summary then records that its slim model was replaced.
+    """
+    out = Path(cfg.out)
     if structure is None:
-        structure = files.latest_structure(Path(cfg.out))
+        structure = files.latest_structure(out)
         if structure is None:
             raise FileNotFoundError(
                 f"no learned_structure/alive_*.json in '{cfg.out}'; run `morphnet learn --out {cfg.out}` "
                 "first or pass --structure FILE"
             )
     counts = load_structure(structure)
-    session = Session(cfg)
+    name = slim_dir or files.new_slim_dir(out)
+    if Path(name).name != name or name in files.RUN_FILES and name != files.SLIM:
+        raise ValueError(f"--slim-dir must be a plain folder name other than the run's own files, got '{name}'")
+    if (out / name).exists() and not overwrite:
+        raise files.RunExists(f"'{out / name}' already exists; pass --overwrite to replace it, or another --slim-dir")
+    session = Session(cfg, "reuse")
     try:
         seed = session.new_seed()
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
@@ -302,21 +555,26 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
                                            seed_cost=seed_stats["cost"], target_cost=None)
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
         summary = {
-            "structure_file": str(structure), "seed": seed_stats,
+            "structure_file": str(structure), "seed": seed_stats, "config": cfg.to_dict(),
+            "input": {"data": session.data.name, "shape": list(session.data.input_shape),
+                      "num_classes": session.data.num_classes, "seed_kwargs": session.seed_kwargs},
             "slim": {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
-                     "width_multiplier": rebuilt.width_multiplier, "dir": files.SLIM},
+                     "width_multiplier": rebuilt.width_multiplier, "dir": name},
         }
         if retrain:
             summary["slim"]["accuracy"], _ = retrain_stage(session, rebuilt.model, "retrain_slim", {})
         if session.ctx.is_main:
-            morphnet.save_slim(session.out / files.SLIM, rebuilt.model.cpu(), rebuilt.counts)
+            morphnet.save_slim(out / name, rebuilt.model.cpu(), rebuilt.counts)
+            files.write_json(out / name / files.REBUILD_SUMMARY, summary)
+            _note_replaced_slim(out, name)
             channels = {row["name"]: row["channels"] for row in morphnet.cost_table(seed, session.example)}
-            seed_widths = {name: channels[name] for name in rebuilt.counts}
+            seed_widths = {n: channels[n] for n in rebuilt.counts}
             expanded = rebuilt.counts if rebuilt.counts != counts else None
             print(format_widths(seed_widths, counts, expanded), flush=True)
-            print(f"seed {seed_stats['flops']:.4g} FLOPs, {seed_stats['params']} params -> slim "
-                  f"{slim_stats['flops']:.4g} FLOPs (counted {slim_stats['flops_counted']}), "
-                  f"{slim_stats['params']} params; saved to {session.out / files.SLIM}", flush=True)
+            print(f"seed {format_number(seed_stats['flops'])} FLOPs, {format_number(seed_stats['params'])} params -> "
+                  f"slim {format_number(slim_stats['flops'])} FLOPs (counted "
+                  f"{format_number(slim_stats['flops_counted'])}), {format_number(slim_stats['params'])} params; "
+                  f"saved to {out / name}", flush=True)
             if "accuracy" in summary["slim"]:
                 print(f"slim test accuracy after retraining: {summary['slim']['accuracy']:.2%}", flush=True)
         return summary
@@ -324,12 +582,36 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         session.close()
 
 
-def cost_only(cfg: RunConfig, structure: str | Path | None = None) -> list[dict]:
-    """``morphnet cost``: the per-layer table of the seed, or of the slim network for ``structure``."""
+def _note_replaced_slim(out: Path, name: str) -> None:
+    """When ``rebuild --overwrite`` replaced the slim folder a run's summary describes, say so in
+    the summary and the report instead of leaving figures that no longer match the files."""
+    summary_file = out / files.SUMMARY
+    if not summary_file.is_file():
+        return
+    summary = files.read_json(summary_file)
+    if summary.get("slim", {}).get("dir") == name:
+        summary["slim"]["replaced_by"] = f"{name}/{files.REBUILD_SUMMARY}"
+        files.write_json(summary_file, summary)
+        write_report(out)
+
+
+def cost_report(cfg: RunConfig, structure: str | Path | None = None) -> tuple[list[dict], str]:
+    """``morphnet cost``: the per-layer table of the seed, or of the slim network for
+    ``structure``, and a line saying what it was measured on (input, data, latency hardware)."""
+    data, kwargs = prepare_model_and_data(cfg, log=lambda message: print(message, file=sys.stderr))
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
-    model = create_seed(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[0])
+    model = create_seed(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[0], **kwargs)
     example = data.example_inputs(1)
     if structure is not None:
         model = morphnet.apply_structure(model, load_structure(structure), example)
-    return morphnet.cost_table(model, example, **({"hardware": cfg.hardware} if cfg.hardware else {}))
+    hardware = cfg.hardware or "V100"
+    rows = morphnet.cost_table(model, example, hardware=hardware)
+    header = (f"{cfg.model}{' with ' + str(structure) if structure else ''}: one "
+              f"{'x'.join(map(str, example.shape[1:]))} input of {data.name} (batch 1); "
+              f"latency_ns on {hardware}{'' if cfg.hardware else ' (the default; --hardware to change)'}")
+    return rows, header
+
+
+def cost_only(cfg: RunConfig, structure: str | Path | None = None) -> list[dict]:
+    """``morphnet cost``'s rows: the per-layer table of the seed, or of the slim network for ``structure``."""
+    return cost_report(cfg, structure)[0]

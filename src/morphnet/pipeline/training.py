@@ -19,23 +19,27 @@ from morphnet.pipeline.distributed import DistContext
 
 
 def infinite_batches(
-    dataset: Dataset, batch_size: int, *, seed: int, ctx: DistContext
+    dataset: Dataset, batch_size: int, *, seed: int, ctx: DistContext, start: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled batches forever, each rank drawing its own share of every epoch."""
+    """Shuffled batches forever, each rank drawing its own share of every epoch. The order is a
+    function of ``seed`` alone (never of the global RNG), and ``start`` skips that many batches,
+    so a resumed run sees the batches an uninterrupted one would."""
     per_rank = len(dataset) // ctx.world_size
     batch_size = max(1, min(batch_size, per_rank))
     sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
     workers = 0 if isinstance(dataset, TensorImages) else 2
-    loader = DataLoader(
-        dataset, batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda",
-    )
-    epoch = 0
+    per_epoch = len(sampler) // batch_size
+    epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
+        order = list(sampler)[skip * batch_size:]
+        loader = DataLoader(
+            dataset, batch_size, sampler=order, drop_last=True, num_workers=workers,
+            generator=torch.Generator().manual_seed(seed + epoch), pin_memory=ctx.device.type == "cuda",
+        )
         for x, y in loader:
             yield x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -59,10 +63,14 @@ def train(
     on_log: StepHook | None = None,
     log_every: int = 10,
     progress=None,
+    state: dict | None = None,
+    on_step: Callable[[int, Callable[[], dict]], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` (already on ``ctx.device``) from its current weights for ``steps`` steps with
     a cosine learning-rate decay after a 5% warm-up. ``on_log(step, metrics)`` sees the loss and
-    the training accuracy averaged since the previous call."""
+    the training accuracy averaged since the previous call. ``on_step(step, snapshot)`` runs after
+    every step; ``snapshot()`` is the loop's state (step, optimizer, schedule, meter), which
+    ``state`` takes to continue from that step (the caller restores the model and the RNG)."""
     net = ctx.wrap(model)
     net.train()
     optimizer = make_optimizer(model, lr, weight_decay)
@@ -74,9 +82,20 @@ def train(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    batches = infinite_batches(dataset, batch_size, seed=seed, ctx=ctx)
     meter = Meter()
-    for step in range(1, steps + 1):
+    first = 1
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        meter.load_state_dict(state["meter"])
+        first = state["step"] + 1
+    batches = infinite_batches(dataset, batch_size, seed=seed, ctx=ctx, start=first - 1)
+
+    def snapshot() -> dict:
+        return {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "meter": meter.state_dict()}
+
+    for step in range(first, steps + 1):
         x, y = next(batches)
         logits = net(x)
         loss = F.cross_entropy(logits, y)
@@ -89,6 +108,8 @@ def train(
             progress.update(1)
         if on_log is not None and (step % log_every == 0 or step == steps):
             on_log(step, meter.flush())
+        if on_step is not None:
+            on_step(step, snapshot)
     return model
 
 
@@ -107,6 +128,13 @@ class Meter:
         self.batches += 1
         self.correct = self.correct + correct
         self.count += count
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "batches": self.batches, "correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.batches = dict(state["sums"]), state["batches"]
+        self.correct, self.count = state["correct"], state["count"]
 
     def flush(self) -> dict[str, float]:
         metrics = {k: float(v) / self.batches for k, v in self.sums.items()}

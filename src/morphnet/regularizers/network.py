@@ -172,15 +172,17 @@ class _Gamma(NetworkRegularizer):
 class _GroupLasso(NetworkRegularizer):
     source_name = "GroupLasso"
 
-    def __init__(self, model, example_inputs, *, threshold: float, l1_fraction: float = 0.0, **kw):
+    def __init__(self, model, example_inputs, *, threshold: float, l1_fraction: float = 0.0,
+                 relative_threshold: bool = False, **kw):
         if not 0.0 <= l1_fraction <= 1.0:
             raise ValueError(f"l1_fraction must be in [0, 1], got {l1_fraction}")
         self.threshold = threshold
         self.l1_fraction = l1_fraction
+        self.relative_threshold = relative_threshold  # threshold x each layer's initial channel-norm scale
         super().__init__(model, example_inputs, **kw)
 
     def _make_source(self, model):
-        return GroupLassoSource(model, self.analysis, self.threshold, self.l1_fraction)
+        return GroupLassoSource(model, self.analysis, self.threshold, self.l1_fraction, relative=self.relative_threshold)
 
 
 class GammaFlopsRegularizer(_Gamma):

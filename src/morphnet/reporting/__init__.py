@@ -2,15 +2,18 @@
 
 from morphnet.reporting.html import write_report
 from morphnet.reporting.plots import plot_accuracy, plot_cost, plot_widths
-from morphnet.reporting.text import format_cost_table, format_number, format_summary, format_widths
+from morphnet.reporting.text import (format_cost_table, format_number, format_summary, format_widths, load_snippet,
+                                     reduction_line)
 
 __all__ = [
     "format_cost_table",
     "format_number",
     "format_summary",
     "format_widths",
+    "load_snippet",
     "plot_accuracy",
     "plot_cost",
     "plot_widths",
+    "reduction_line",
     "write_report",
 ]

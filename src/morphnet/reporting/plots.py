@@ -7,23 +7,27 @@ from typing import Any
 
 import matplotlib
 
+from morphnet.export import atomic_write
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fig`` as PNG atomically (a crash never leaves half an image)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def plot_cost(history: dict[str, Any], summary: dict[str, Any], path: Path) -> Path:
-    """Cost of the proposed structure over learning (with the target band) and the strength."""
+    """Cost of the proposed structure over learning (with the target band), and below it, on its
+    own log axis, the strength. Legends sit beside the axes so they never hide a curve."""
     learn = history.get("learn", [])
     target, seed = summary["target"], summary["seed"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     steps = [r["step"] for r in learn]
     ax.plot(steps, [r["cost"] for r in learn], color="tab:blue", label=f"proposed {target['cost_name']}")
     ax.axhline(seed["cost"], color="grey", linestyle=":", label="seed")
@@ -34,18 +38,17 @@ def plot_cost(history: dict[str, Any], summary: dict[str, Any], path: Path) -> P
         ax.axhspan(t * (1 - tol), t * (1 + tol), color="tab:green", alpha=0.2, label=f"target +-{tol:.0%}")
     learned = summary["learned"]
     ax.plot([learned["step"]], [learned["cost"]], "o", color="tab:red", label=f"chosen (step {learned['step']})")
-    ax.set_xlabel("step")
     unit = target["unit"]
     ax.set_ylabel(target["cost_name"] if target["cost_name"] == unit else f"{target['cost_name']} ({unit})")
     ax.set_ylim(bottom=0)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["strength"] for r in learn], color="tab:orange", alpha=0.7, label="strength")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("regularization strength")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     ax.set_title("Cost of the learned structure during structure learning")
+    ax2.plot(steps, [r["strength"] for r in learn], color="tab:orange")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("strength")
+    ax2.set_xlabel("step")
+    ax2.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -69,7 +72,7 @@ def plot_accuracy(history: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right", framealpha=0.8)
     return _save(fig, path)
 
 

@@ -24,6 +24,32 @@ def _ratio(slim: float | None, seed: float | None) -> str:
     return "-" if not slim or not seed else f"{slim / seed:.3f}x"
 
 
+def reduction_line(summary: dict[str, Any]) -> str:
+    """Where the cost reduction came from: learned widths vs the uniform width multiplier."""
+    parts = summary.get("reduction")
+    if not parts:
+        return ""
+    return (f"cost of the slim network: {parts['total']:.3f}x the seed's = learned widths {parts['learning']:.3f}x "
+            f"* uniform width multiplier {parts['width_multiplier']:.3f}x")
+
+
+def load_snippet(summary: dict[str, Any], run_dir: str | Path, slim_dir: str) -> str:
+    """The Python lines that load the slim model in ``run_dir/slim_dir`` with its trained weights."""
+    cfg, given = summary["config"], summary.get("input", {})
+    kwargs = {"num_classes": given.get("num_classes", 10), "in_channels": (given.get("shape") or [1])[0],
+              **given.get("seed_kwargs", {})}
+    arguments = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+    return (
+        "import morphnet\n"
+        "from morphnet.data import load_data\n"
+        "from morphnet.seeds import create_seed\n\n"
+        f"data = load_data({cfg['data']!r}, seed={cfg.get('seed', 0)!r}, image_size={cfg.get('image_size')!r})\n"
+        f"slim = morphnet.load_slim(lambda: create_seed({cfg['model']!r}, {arguments}),\n"
+        f"                          {str(Path(run_dir) / slim_dir)!r}, data.example_inputs(1))\n"
+        "slim.eval()"
+    )
+
+
 def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     """The end-of-run table: seed vs slim (and the uniformly shrunk seed, when trained): cost,
     FLOPs (predicted and counted), params, accuracy."""
@@ -63,6 +89,8 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
                      f"({learned['cost_ratio']:.3f}x the seed) with strength {target['initial_strength']:.3g}")
     if slim.get("width_multiplier") is not None:
         lines.append(f"uniform width multiplier applied after rebuild: {slim['width_multiplier']:.4f}")
+    if reduction_line(summary):
+        lines.append(reduction_line(summary))
     run_dir = Path(run_dir)
     lines.append(f"structure: {run_dir / learned['structure_file']}")
     if slim:
@@ -70,6 +98,7 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     seconds = summary.get("seconds", {})
     lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in seconds.items()))
     lines.append(f"report: {run_dir / 'report.html'} (rebuild it with `morphnet report {run_dir}`)")
+    lines += [f"warning: {note}" for note in summary.get("warnings", [])]
     return "\n".join(line.rstrip() for line in lines)
 
 
