@@ -131,3 +131,46 @@ def test_report_shows_timings_layers_and_python_lines_that_load_the_slim_model(f
     exec(code, scope)
     saved = torch.load(fixed_strength_run / "slim" / "state_dict.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in scope["slim"].state_dict().items())
+
+
+def test_seed_weights_and_finetune_keep_the_learned_weights(fixed_strength_run, tmp_path, capsys):
+    """``--seed-weights`` starts learning from a trained seed and measures it as given;
+    ``--finetune`` builds the slim model from the learned network's surviving weights (the same
+    function as that network with its dead channels zeroed) and fine-tunes it."""
+    import torch
+
+    import morphnet
+    from morphnet.data import load_data
+    from morphnet.pipeline.training import evaluate
+    from morphnet.seeds import create_seed
+
+    weights = fixed_strength_run / "checkpoints" / "seed.pt"  # the trained seed of the first run
+    out = tmp_path / "ft"
+    code = main(["run", "--steps", "60", "--retrain-steps", "30", "--strength", "3e-6", "--seed-weights",
+                 str(weights), "--finetune", "--out", str(out), "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slim"]["training"].startswith("fine-tuned 30 steps")
+    assert summary["seed"]["training"].startswith("as given")
+    assert "retrain_seed" not in summary["seconds"]  # the given seed is measured, not retrained
+    data = load_data("digits", seed=0)
+    seed = create_seed("digits_cnn", num_classes=10, in_channels=1)
+    seed.load_state_dict(torch.load(weights)["model"])
+    assert summary["seed"]["accuracy"] == evaluate(seed, data.test, torch.device("cpu"))
+    assert summary["seed"]["accuracy"] > 0.5  # a trained seed, not a fresh one
+    slim = morphnet.load_slim(lambda: create_seed("digits_cnn", in_channels=1), out / "slim", data.example_inputs(1))
+    assert {n: m.out_channels for n, m in slim.named_modules() if isinstance(m, torch.nn.Conv2d)
+            and n in summary["slim"]["widths"]} == summary["slim"]["widths"]
+    assert summary["slim"]["flops_counted"] == summary["slim"]["predicted_cost"] < summary["seed"]["flops_counted"]
+    assert summary["slim"]["accuracy"] > 0.5  # kept weights: far above chance after 30 steps
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed-weights", "/no/such/weights.pt"], "no such file"),
+    (["--finetune", "--regularizer", "group-lasso"], "--regularizer gamma"),
+    (["--finetune", "--expand-to", "0.5"], "cannot be scaled"),
+])
+def test_seed_weights_and_finetune_options_are_checked_first(tmp_path, capsys, args, message):
+    assert main(["run", "--steps", "5", "--out", str(tmp_path / "x"), "--quiet", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

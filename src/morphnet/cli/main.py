@@ -102,6 +102,14 @@ def _rebuild_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--retrain-steps", type=_positive_int, default=None,
                        help="steps of retraining from scratch (default: --steps)")
     group.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of retraining, cosine decay (default 0.05)")
+    group.add_argument("--seed-weights", default=None, metavar="PATH",
+                       help="trained weights of the seed (a state_dict file): learning starts from them and the "
+                            "seed's accuracy is measured as given instead of retraining it")
+    group.add_argument("--finetune", action="store_true", default=None,
+                       help="keep the learned network's surviving weights and fine-tune the slim model for "
+                            "--retrain-steps instead of retraining it from scratch (gamma regularizer)")
+    group.add_argument("--finetune-lr", type=float, default=None,
+                       help="peak learning rate of fine-tuning (default: --retrain-lr / 5)")
 
 
 def build_parser() -> argparse.ArgumentParser:

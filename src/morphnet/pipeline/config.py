@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from morphnet.data import default_data
@@ -44,6 +45,9 @@ class RunConfig:
     round_to: int | None = None
     baseline: bool = True
     uniform_baseline: bool = False
+    seed_weights: str | None = None
+    finetune: bool = False
+    finetune_lr: float | None = None
     image_size: int | None = None
     out: str = "morphnet_run"
     device: str = "auto"
@@ -86,6 +90,16 @@ class RunConfig:
         positive("threshold", self.threshold, allow_zero=True)
         positive("lr", self.lr)
         positive("retrain-lr", self.retrain_lr)
+        positive("finetune-lr", self.finetune_lr)
+        if self.seed_weights is not None and not Path(self.seed_weights).expanduser().is_file():
+            raise ValueError(f"--seed-weights {self.seed_weights}: no such file (a state_dict saved with torch.save, "
+                             "or a checkpoint holding one under 'model')")
+        if self.finetune and (self.expand_to is not None or self.round_to is not None):
+            raise ValueError("--finetune keeps the learned weights, so the widths cannot be scaled: leave out "
+                             "--expand-to / --round-to, or retrain from scratch without --finetune")
+        if self.finetune and self.regularizer != "gamma":
+            raise ValueError("--finetune rebuilds from the BatchNorm scales of the learned network: use it with "
+                             f"--regularizer gamma (got '{self.regularizer}')")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
         for name in ("steps", "retrain_steps", "batch_size", "log_every", "export_every", "round_to", "image_size"):

@@ -28,7 +28,7 @@ from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import CHECKPOINT as LEARN_CHECKPOINT
 from morphnet.pipeline.learn import LearnResult, learn_structure
 from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, load_structure, rebuild
-from morphnet.pipeline.regularizers import UNITS
+from morphnet.pipeline.regularizers import UNITS, make_regularizer
 from morphnet.pipeline.resume import Checkpointer, Interrupted, RunState, gather_rng, restore_rng
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
 from morphnet.reporting import format_number, format_summary, format_widths, write_report
@@ -185,6 +185,20 @@ class Session:
         return create_seed(self.cfg.model, num_classes=self.data.num_classes, in_channels=self.data.input_shape[0],
                            **self.seed_kwargs)
 
+    def start_seed(self) -> nn.Module:
+        """The seed the run starts from: ``new_seed()`` with ``--seed-weights`` loaded when given."""
+        model = self.new_seed()
+        if self.cfg.seed_weights:
+            path = Path(self.cfg.seed_weights).expanduser()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]
+            try:
+                model.load_state_dict(state)
+            except (RuntimeError, TypeError, AttributeError) as error:
+                raise ValueError(f"--seed-weights {path} does not fit '{self.cfg.model}': {error}") from None
+        return model
+
     def log(self, message: str) -> None:
         if self.ctx.is_main and not self.cfg.quiet:
             print(message, flush=True)
@@ -249,7 +263,7 @@ def learn_stage(session: Session) -> tuple[nn.Module, LearnResult]:
         seed.load_state_dict(files.load_checkpoint(session.out / LEARNED)["model"])
         session.log("structure learning finished earlier; continuing with the later stages")
         return seed, LearnResult.from_dict(done)
-    seed = session.new_seed().to(ctx.device)
+    seed = session.start_seed().to(ctx.device)
     checkpoint = session.out / LEARN_CHECKPOINT
     resume = files.load_checkpoint(checkpoint) if session.resuming and checkpoint.is_file() else None
     session.log(f"learning the structure of {cfg.model} on {session.data.name} "
@@ -369,10 +383,23 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
     return rebuilt, predicted
 
 
+def keep_weights_stage(session: Session, learned: nn.Module) -> tuple[Rebuilt, float]:
+    """With ``--finetune``: the slim network keeps the learned network's surviving weights and
+    BatchNorm statistics (the channels alive at the end of learning; no width multiplier, which
+    would need new weights). Returns it with its predicted cost."""
+    cfg = session.cfg
+    learned = learned.cpu()
+    reg = make_regularizer(cfg.regularizer, cfg.target, learned, session.example, threshold=cfg.threshold,
+                           hardware=cfg.hardware)
+    counts = morphnet.StructureExporter(reg).get_alive_counts()
+    model = morphnet.apply_structure(learned, reg, session.example, keep_weights=True)
+    return Rebuilt(model=model, counts=counts, width_multiplier=None), float(reg.get_cost())
+
+
 def retrain_stage(session: Session, model: nn.Module, name: str, history: dict,
-                  save=None) -> tuple[float, float]:
-    """Train ``model`` from its fresh weights with the normal recipe; return (test accuracy,
-    seconds). ``save(model)`` runs on rank 0 once training ends, before the stage counts as done.
+                  save=None, lr: float | None = None) -> tuple[float, float]:
+    """Train ``model`` from its current weights with the normal recipe (peak ``lr``, default
+    ``--retrain-lr``); return (test accuracy, seconds). ``save(model)`` runs on rank 0 once training ends, before the stage counts as done.
     In a run folder, the stage checkpoints to ``checkpoints/<name>.pt``, continues from it when
     resuming, and is skipped when it finished earlier."""
     cfg, ctx, state = session.cfg, session.ctx, session.state
@@ -414,7 +441,7 @@ def retrain_stage(session: Session, model: nn.Module, name: str, history: dict,
     with session.progress(cfg.retrain_steps, name) as bar, session.checkpointer.loop():
         if bar is not None and resume:
             bar.update(resume["step"])
-        train(model, session.data.train, steps=cfg.retrain_steps, lr=cfg.retrain_lr, batch_size=cfg.batch_size,
+        train(model, session.data.train, steps=cfg.retrain_steps, lr=lr or cfg.retrain_lr, batch_size=cfg.batch_size,
               seed=cfg.seed, ctx=ctx, on_log=on_log, log_every=cfg.log_every, progress=bar,
               state=resume, on_step=on_step if state is not None else None)
     if save is not None and ctx.is_main:
@@ -480,27 +507,42 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
         history: dict[str, Any] = {"learn": result.history}
         start = time.perf_counter()
-        rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
-                                           seed_cost=result.seed_cost, target_cost=result.target_cost)
+        if cfg.finetune:
+            rebuilt, predicted = keep_weights_stage(session, seed)
+        else:
+            rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
+                                               seed_cost=result.seed_cost, target_cost=result.target_cost)
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
-        summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model), result.chosen.counts, session.example)
+        summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model),
+                                        rebuilt.counts if cfg.finetune else result.chosen.counts, session.example)
         summary["seconds"]["rebuild"] = time.perf_counter() - start
         summary["slim"] = {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
-                           "width_multiplier": rebuilt.width_multiplier, "dir": files.SLIM}
+                           "width_multiplier": rebuilt.width_multiplier, "dir": files.SLIM,
+                           "training": (f"fine-tuned {cfg.retrain_steps} steps from the learned network's kept "
+                                        "weights" if cfg.finetune else f"retrained {cfg.retrain_steps} steps from "
+                                        "scratch")}
         if result.target_cost is not None:
             summary["slim"]["target_error"] = slim_stats["cost"] / result.target_cost - 1
-        session.log("retraining the slim network from scratch")
+        session.log("fine-tuning the slim network from its kept weights" if cfg.finetune
+                    else "retraining the slim network from scratch")
         summary["slim"]["accuracy"], summary["seconds"]["retrain_slim"] = retrain_stage(
             session, rebuilt.model, "retrain_slim", history,
-            save=lambda model: morphnet.save_slim(session.out / files.SLIM, model.cpu(), rebuilt.counts))
+            save=lambda model: morphnet.save_slim(session.out / files.SLIM, model.cpu(), rebuilt.counts),
+            lr=(cfg.finetune_lr or cfg.retrain_lr / 5) if cfg.finetune else None)
         summary["seed"]["accuracy"] = None
-        if cfg.baseline:
+        if cfg.seed_weights:
+            session.log("measuring the seed network with the given weights (--seed-weights), for comparison")
+            summary["seed"]["accuracy"] = evaluate(session.start_seed().to(session.ctx.device), session.data.test,
+                                                   session.ctx.device)
+            summary["seed"]["training"] = f"as given ({cfg.seed_weights})"
+        elif cfg.baseline:
             session.log("training the seed network with the same recipe, for comparison")
             baseline = session.new_seed()
             summary["seed"]["accuracy"], summary["seconds"]["retrain_seed"] = retrain_stage(
                 session, baseline, "retrain_seed", history,
                 save=lambda model: files.save_checkpoint(session.out / files.CHECKPOINTS / "seed.pt",
                                                          {"model": model.state_dict()}))
+            summary["seed"]["training"] = f"trained {cfg.retrain_steps} steps from scratch"
         if cfg.uniform_baseline:
             summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
                 session, result.seed_widths, slim_stats["cost"], history)

@@ -89,6 +89,9 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
                      f"({learned['cost_ratio']:.3f}x the seed) with strength {target['initial_strength']:.3g}")
     if slim.get("width_multiplier") is not None:
         lines.append(f"uniform width multiplier applied after rebuild: {slim['width_multiplier']:.4f}")
+    for name, part in (("slim", slim), ("seed", seed)):
+        if part.get("training"):
+            lines.append(f"{name} network: {part['training']}")
     if reduction_line(summary):
         lines.append(reduction_line(summary))
     run_dir = Path(run_dir)
