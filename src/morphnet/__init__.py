@@ -5,9 +5,9 @@ cost-weighted sparsity penalty to the training loss, export the alive channels a
 rebuild the slimmer network and retrain it.
 """
 
-from morphnet.costs import compute_cost, cost_table
 from morphnet.costs.hardware import Hardware, register_hardware
 from morphnet.errors import UnsupportedGraphError
+from morphnet.evaluation import compute_cost, cost_table
 from morphnet.export import StructureExporter
 from morphnet.gates import LogisticSigmoidGate, add_gates, fold_gates, remove_gates
 from morphnet.monitoring import write_summaries
