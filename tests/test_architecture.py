@@ -7,8 +7,8 @@ from pathlib import Path
 
 import morphnet
 
-ROOT = Path(morphnet.__file__).resolve().parent
-DOC = ROOT.parents[1] / "docs" / "architecture.md"
+ROOT = Path(morphnet.__file__).resolve().parent  # the package as imported (installed or src/)
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 
 def stage_of_packages() -> dict[str, int]:
@@ -62,6 +62,6 @@ def test_stages_import_only_downward():
 def test_the_check_sees_an_upward_import(tmp_path):
     """The scanner finds the shapes of import used in the code base (so the test above can fail)."""
     source = tmp_path / "m.py"
-    source.write_text("import morphnet\nfrom morphnet.evaluation import CostEvaluator\nimport morphnet.surgery.rebuild\n"
-                      "from morphnet import apply_structure\nfrom . import sibling\n")
+    source.write_text("import morphnet\nfrom morphnet.evaluation import CostEvaluator\n"
+                      "import morphnet.surgery.rebuild\nfrom morphnet import apply_structure\nfrom . import sibling\n")
     assert morphnet_imports(source) == {"", "evaluation", "surgery"}

@@ -103,7 +103,8 @@ def test_scaling_gamma_term_op_count_is_constant_in_depth(quick):
     result, _ = quick("scaling.py")
     rows = {row["model"]: row for row in result["rows"]}
     assert {"resnet18", "resnet50", "chain10", "chain50"} <= set(rows)
-    assert rows["chain50"]["layers"] > 4 * rows["chain10"]["layers"] and rows["resnet50"]["layers"] > rows["resnet18"]["layers"]
+    assert rows["chain50"]["layers"] > 4 * rows["chain10"]["layers"]
+    assert rows["resnet50"]["layers"] > rows["resnet18"]["layers"]
     assert len({row["gamma_term_ops"] for row in rows.values()}) == 1
     assert rows["chain10"]["group_lasso_term_ops"] == rows["chain50"]["group_lasso_term_ops"]
 

@@ -97,7 +97,7 @@ class Graph:
     state_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     parameters: set[str] = field(default_factory=set)  # names of parameters (the rest of state: buffers)
     eval_modules: set[str] | None = None  # modules that also run in eval mode (None: unknown)
-    recorded_on: str = ""  # "meta" (stand-ins, no arithmetic) or "real" (the fallback: the model ran for real)
+    recorded_on: str = ""  # "meta" (stand-ins, no arithmetic) or "real" (fallback: the model ran for real)
 
     def training_only(self, module: str) -> bool:
         """True for ops of modules that run only in training (auxiliary heads)."""
