@@ -57,7 +57,7 @@ def test_every_subcommand_parses_with_no_model_or_data():
 
 def test_python_dash_m_morphnet_is_the_cli():
     result = subprocess.run([sys.executable, "-m", "morphnet", "--help"], capture_output=True, text=True,
-                            env=cli_env(), timeout=120)
+                            env=cli_env(), timeout=60)  # about 3 s
     assert result.returncode == 0
     for command in ("run", "learn", "rebuild", "cost", "report"):
         assert command in result.stdout

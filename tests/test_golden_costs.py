@@ -1,4 +1,14 @@
-"""The golden cases of DESIGN.md section 4, with exact numbers."""
+"""Golden cases with exact numbers, worked out by hand from the cost convention of
+docs/architecture.md (sections 3-5) on ``nets.ConcatNet`` (input 1x3x17x19, gamma threshold 0.45:
+alive 7, 11, 10, 17 of 13, 23, 29, 31 channels).
+
+FLOPs = 2 x kernel area x alive inputs x alive outputs x output pixels:
+conv1 2 * 7*5 * 3 * 7 * 17*19 = 474810; conv2 2 * 1 * 3 * 11 * 323 = 21318; conv3 (stride 2, 9x10
+outputs, 7 + 11 = 18 alive inputs through the concat) 2 * 9 * 18 * 10 * 90 = 291600;
+conv4 2 * 1 * 18 * 17 * 323 = 197676. Model size = kernel area x alive inputs x alive outputs:
+35 * 3 * 7 = 735, 3 * 11 = 33, 9 * 18 * 10 = 1620, 18 * 17 = 306. Activations: alive outputs, with
+the term the sum of |gamma| of the layer's outputs (bn1: 7 * 0.8 + 6 * 0.2 = 6.8, ...).
+"""
 
 import pytest
 import torch

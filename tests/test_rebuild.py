@@ -93,7 +93,7 @@ def test_counts_give_every_listed_layer_its_width_and_coupled_layers_follow():
     assert slim.conv3.in_channels == slim.conv4.in_channels == 18  # through the concat
     assert (slim.head3.in_channels, slim.head4.in_channels, slim.head4.out_channels) == (10, 17, 2)
     assert slim.conv3.weight.shape == (10, 18, 3, 3) and slim.bn3.running_var.shape == (10,)
-    # the golden GammaFlops costs of DESIGN.md section 4 plus the two heads
+    # the golden GammaFlops costs of tests/test_golden_costs.py plus the two heads
     assert counted_flops(slim, X_CONCAT) == golden_regularizer(model).get_cost().item()
 
 

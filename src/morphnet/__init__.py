@@ -6,9 +6,9 @@ rebuild the slimmer network and retrain it.
 """
 
 from morphnet.control import TargetCost
-from morphnet.costs import compute_cost, cost_table
 from morphnet.costs.hardware import Hardware, register_hardware
 from morphnet.errors import UnsupportedGraphError
+from morphnet.evaluation import compute_cost, cost_table
 from morphnet.export import StructureExporter
 from morphnet.gates import LogisticSigmoidGate, add_gates, fold_gates, remove_gates
 from morphnet.monitoring import write_summaries

@@ -19,6 +19,7 @@ restored after the run, and parameters are never written.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Graph:
     state_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     parameters: set[str] = field(default_factory=set)  # names of parameters (the rest of state: buffers)
     eval_modules: set[str] | None = None  # modules that also run in eval mode (None: unknown)
+    recorded_on: str = ""  # "meta" (stand-ins, no arithmetic) or "real" (fallback: the model ran for real)
 
     def training_only(self, module: str) -> bool:
         """True for ops of modules that run only in training (auxiliary heads)."""
@@ -353,7 +357,8 @@ def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -
 
     The run uses meta-device stand-ins for the inputs, parameters and buffers, so it
     costs no arithmetic; models that cannot run on the meta device (data-dependent
-    code) are run for real instead. Per-example costs divide by the batch size, the
+    code) are run for real instead (``graph.recorded_on`` says which, and a debug line of the
+    ``morphnet.capture.graph`` logger says why). Per-example costs divide by the batch size, the
     size of dimension 0 of the first example input. If training mode cannot run on
     that batch (BatchNorm needs more than one value per channel), the inputs are
     repeated to a batch of two: shapes per example are unchanged. Calls of modules of
@@ -373,8 +378,14 @@ def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -
             meta_inputs = pytree.tree_map_only(torch.Tensor, _meta, inputs)
             with _state_restored(model):
                 graph = _record(model, meta_inputs, _meta_state(model), info, tuple(leaf_types))
-        except Exception:  # data-dependent code cannot run on meta tensors: run it for real
+            graph.recorded_on = "meta"
+        except Exception as error:  # data-dependent code cannot run on meta tensors: run it for real
+            logger.debug("capture: %s cannot run on the meta device (%s: %s); running it for real",
+                         type(model).__name__, type(error).__name__, error)
             graph = _record(model, inputs, None, info, tuple(leaf_types))
+            graph.recorded_on = "real"
+        else:
+            logger.debug("capture: %s recorded on the meta device", type(model).__name__)
     first = graph.values[graph.inputs[0]]
     graph.batch_size = int(first.shape[0]) if first.shape else 1
     return graph

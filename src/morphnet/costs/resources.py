@@ -12,7 +12,7 @@ Costs describe the inference network: ops of branches that run only in training
 (auxiliary heads) are analyzed for channel groups but cost nothing, except in model
 size, which counts every conv / linear weight of the module.
 
-Conventions (DESIGN.md section 2): FLOPs per example are 2 x MACs of conv and linear
+Conventions (docs/architecture.md, sections 3-5): FLOPs per example are 2 x MACs of conv and linear
 ops; grouped convs divide by the groups (which pruning keeps); depthwise convs cost
 C * A_out. Model size counts conv / linear weights once per parameter. Activation
 count is A_out per conv / linear call. Memory is 4 bytes per element of

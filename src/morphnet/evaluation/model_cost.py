@@ -1,4 +1,6 @@
-"""Costs of a whole model with every channel alive: one number, or a per-layer table."""
+"""Costs of a whole model with every channel alive: one number, or a per-layer table.
+
+It evaluates a cost program, so it sits in the evaluation stage, above ``costs``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from torch import nn
 from morphnet.channels import analyze_model
 from morphnet.costs.hardware import get_hardware
 from morphnet.costs.resources import build_cost_program
-from morphnet.evaluation import CostEvaluator
+from morphnet.evaluation.evaluator import CostEvaluator
 
 
 def compute_cost(model: nn.Module, example_inputs, resource: str = "flops", hardware=None,
