@@ -11,7 +11,7 @@ Ops with unknown channel semantics that touch channel-carrying tensors raise
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -90,6 +90,30 @@ class DataOp:
 
 
 @dataclass
+class ProductCall:
+    """A product between activations (attention's q.k^T and attn x v).
+
+    FLOPs per example are ``flop_coef * A(ids)``, or ``flop_coef`` when ``ids`` is None
+    (nothing prunable rides on the product)."""
+
+    module: str
+    ids: np.ndarray | None
+    flop_coef: float
+    node: int
+
+
+@dataclass
+class ShapeCheck:
+    """A split the analysis followed: in the rebuilt model, output ``pos`` of node ``node``
+    must have as many entries along ``dim`` as ``ids`` has surviving copies."""
+
+    node: int
+    pos: int
+    dim: int
+    ids: np.ndarray
+
+
+@dataclass
 class ChannelAnalysis:
     """Result of the channel stage: groups, per-layer element arrays, sources."""
 
@@ -105,6 +129,8 @@ class ChannelAnalysis:
     data_ops: list[DataOp]
     module_out_ids: dict[str, np.ndarray]  # conv / linear / BN module -> output elements
     blacklisted_group: np.ndarray
+    products: list[ProductCall] = field(default_factory=list)
+    shape_checks: list[ShapeCheck] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -148,6 +174,9 @@ class Walker:
         self.gamma: dict[str, np.ndarray] = {}
         self.data_ops: list[DataOp] = []
         self.module_out: dict[str, np.ndarray] = {}
+        self.products: list[ProductCall] = []
+        self.shape_checks: list[ShapeCheck] = []
+        self.modules: dict[str, nn.Module] = {}  # the model's modules by name, when the model is known
         self.node: OpNode | None = None
         self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
@@ -291,6 +320,8 @@ def analyze_channels(
     skip = _excluded_nodes(graph, in_bound, out_bound)
 
     w = Walker(graph)
+    if model is not None:
+        w.modules = dict(model.named_modules())
     for node in graph.nodes:
         w.node = node
         if node.index in skip:
@@ -329,7 +360,7 @@ def analyze_channels(
         graph=graph, group_of=group_of, num_groups=num_groups, fixed_group=fixed,
         alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
-        blacklisted_group=blacklisted,
+        blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
     )
 
 
@@ -426,7 +457,7 @@ def vid(x) -> int | None:
     return x.index if isinstance(x, ValueRef) else None
 
 
-__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "WeightInfo", "DataOp", "TensorUse", "analyze_channels",
+__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "ProductCall", "ShapeCheck", "WeightInfo", "DataOp", "TensorUse", "analyze_channels",
            "Walker", "bind", "vid", "torch"]
 
 

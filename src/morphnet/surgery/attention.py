@@ -1,0 +1,101 @@
+"""Attribute fix-ups of attention modules whose heads were pruned.
+
+Keyed like ``morphnet.channels.handlers.attention.ATTENTION_MODULES`` (class names, so
+no framework is imported): the analysis follows head splits only in those classes, and
+after the rebuild narrowed their projections, each fix-up sets the head count the
+module's forward reads. The head width and the attention scale never change, so the
+rebuilt module computes the same function on the surviving heads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morphnet.channels.handlers.attention import ATTENTION_MODULES, attention_kind
+
+
+class SlimMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose heads span less than ``embed_dim``.
+
+    PyTorch's functional attention derives the head width from ``embed_dim`` (the
+    query's width), so a module with pruned heads (inner width ``num_heads * head_dim``
+    below ``embed_dim``) needs this forward: the same packed projections, the same
+    scale ``head_dim ** -0.5`` and masks, with ``num_heads`` heads. Supports packed
+    projections without ``bias_k`` / ``add_zero_attn`` (what the analysis prunes).
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, length, source = query.shape[0], query.shape[1], key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q).view(n, length, h, d).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(n, source, h, d).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(n, source, h, d).transpose(1, 2)
+        attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+        for mask, shape in ((attn_mask, (-1, h, length, source)), (key_padding_mask, (n, 1, 1, source))):
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=attn.dtype, device=attn.device).masked_fill(mask, float("-inf"))
+                attn = attn + (mask.reshape(shape) if mask.dim() > 2 or shape[0] == n else mask)
+        attn = F.dropout(attn.softmax(-1), self.dropout, self.training)
+        out = self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, h * d))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = attn.mean(1) if average_attn_weights else attn
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+def _mha(module: nn.Module, original: nn.Module) -> None:
+    inner = module.in_proj_weight.shape[0] // 3
+    if inner != original.embed_dim:
+        module.num_heads = inner // original.head_dim
+        module.__class__ = SlimMultiheadAttention
+
+
+def _timm_attention(module: nn.Module, original: nn.Module) -> None:
+    module.num_heads = module.qkv.weight.shape[0] // 3 // original.head_dim
+    if hasattr(module, "attn_dim"):
+        module.attn_dim = module.num_heads * original.head_dim
+
+
+def _timm_window_attention(module: nn.Module, original: nn.Module) -> None:
+    head_dim = original.qkv.out_features // 3 // original.num_heads
+    module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
+
+
+FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
+    "torch.nn.modules.activation.MultiheadAttention": _mha,
+    "timm.layers.attention.Attention": _timm_attention,
+    "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
+}
+assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
+
+
+def fix_attention(module: nn.Module, original: nn.Module) -> bool:
+    """Update the head count of a known attention module; False for other modules."""
+    kind = attention_kind(original)
+    if kind is None:
+        return False
+    FIXUPS[kind](module, original)
+    return True
