@@ -23,7 +23,7 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
 
     PyTorch's functional attention derives the head width from ``embed_dim`` (the
     query's width), so a module with pruned heads (inner width ``num_heads * head_dim``
-    below ``embed_dim``) needs this forward: the same packed projections, the same
+    no longer ``embed_dim``, or a pruned input width) needs this forward: the same packed projections, the same
     scale ``head_dim ** -0.5`` and masks, with ``num_heads`` heads. Supports packed
     projections without ``bias_k`` / ``add_zero_attn`` (what the analysis prunes).
     """
@@ -67,9 +67,9 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
 
 
 def _mha(module: nn.Module, original: nn.Module) -> None:
-    inner = module.in_proj_weight.shape[0] // 3
-    if inner != original.embed_dim:
-        module.num_heads = inner // original.head_dim
+    if module.in_proj_weight.shape != original.in_proj_weight.shape:  # heads or the input width pruned
+        module.num_heads = module.in_proj_weight.shape[0] // 3 // original.head_dim
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
         module.__class__ = SlimMultiheadAttention
 
 
@@ -84,10 +84,67 @@ def _timm_window_attention(module: nn.Module, original: nn.Module) -> None:
     module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
 
 
+def _window_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's shifted window attention with ``num_heads`` heads of the original width.
+
+    torchvision's functional version derives the head width from the input's width, which
+    head pruning leaves unchanged; this one reads it from the projection (same scale)."""
+    n, height, width, c = x.shape
+    wh, ww = self.window_size
+    x = F.pad(x, (0, 0, 0, (-width) % ww, 0, (-height) % wh))
+    ph, pw = x.shape[1], x.shape[2]
+    shift = [0 if wh >= ph else self.shift_size[0], 0 if ww >= pw else self.shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    rows, cols, area = ph // wh, pw // ww, wh * ww
+    windows = x.view(n, rows, wh, cols, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n * rows * cols, area, c)
+    heads = self.num_heads
+    q, k, v = self.qkv(windows).view(windows.shape[0], area, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
+    if sum(shift) > 0:
+        region = x.new_zeros((ph, pw))
+        label = 0
+        for hs in ((0, -wh), (-wh, -shift[0]), (-shift[0], None)):
+            for ws in ((0, -ww), (-ww, -shift[1]), (-shift[1], None)):
+                region[hs[0]:hs[1], ws[0]:ws[1]] = label
+                label += 1
+        region = region.view(rows, wh, cols, ww).permute(0, 2, 1, 3).reshape(rows * cols, area)
+        mask = (region.unsqueeze(1) - region.unsqueeze(2) != 0).to(attn.dtype) * -100.0
+        attn = (attn.view(n, rows * cols, heads, area, area) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, area,
+                                                                                                     area)
+    attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
+    out = (attn @ v).transpose(1, 2).reshape(windows.shape[0], area, -1)
+    out = F.dropout(self.proj(out), self.dropout, self.training)
+    out = out.view(n, rows, cols, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n, ph, pw, c)
+    if sum(shift) > 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return out[:, :height, :width, :].contiguous()
+
+
+_SLIM_CLASSES: dict[type, type] = {}
+
+
+def _slim_class(klass: type, forward) -> type:
+    """A subclass of ``klass`` with ``forward`` (one per class, so rebuilt models share it)."""
+    if klass not in _SLIM_CLASSES:
+        _SLIM_CLASSES[klass] = type(f"Slim{klass.__name__}", (klass,), {"forward": forward,
+                                                                        "__module__": __name__})
+    return _SLIM_CLASSES[klass]
+
+
+def _torchvision_window_attention(module: nn.Module, original: nn.Module) -> None:
+    head_dim = original.qkv.out_features // 3 // original.num_heads
+    heads = module.qkv.weight.shape[0] // 3 // head_dim
+    if heads != original.num_heads:
+        module.num_heads = heads
+        module.__class__ = _slim_class(type(original), _window_attention_forward)
+
+
 FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torch.nn.modules.activation.MultiheadAttention": _mha,
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _torchvision_window_attention,
 }
 assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
 

@@ -35,6 +35,8 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     "torch.nn.modules.activation.MultiheadAttention": _mha_head_dim,
     "timm.layers.attention.Attention": lambda m: m.head_dim,
     "timm.models.swin_transformer.WindowAttention": lambda m: m.qkv.out_features // 3 // m.num_heads,
+    "torchvision.models.swin_transformer.ShiftedWindowAttention":
+        lambda m: None if hasattr(m, "logit_scale") else m.qkv.out_features // 3 // m.num_heads,
 }
 
 
@@ -101,7 +103,15 @@ def activation_bmm(w: Walker, node, a: int, b: int, bias: int | None = None) -> 
             else:
                 w.fix(b)
     if bias is not None and w.chan(bias) is not None:
-        w.fix(bias)
+        if out_chan is not None and w.chan(bias).dim == out_chan.dim and len(w.shape(bias)) == len(w.shape(out)):
+            w.elements.union(w.chan(bias).ids, out_chan.ids)  # baddbmm: a mask per head
+        else:
+            w.fix(bias)
+    elif bias is not None and out_chan is not None:
+        at = out_chan.dim - (len(w.shape(out)) - len(w.shape(bias)))
+        if at >= 0 and w.shape(bias)[at] != 1:  # a computed bias as wide as the channels: they stay
+            w.elements.fix(out_chan.ids)
+            w.make_opaque(bias)
     w.set_chan(out, out_chan)
     w.derive(out, a, b)
     total = 2.0 * float(np.prod(w.shape(out), dtype=np.float64)) * sa[-1] / w.graph.batch_size
