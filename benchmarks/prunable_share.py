@@ -3,7 +3,9 @@
 For each model, with the public API: share = 1 - cost(every regularized group dead) /
 cost(every group alive), both from ``GroupLassoFlopsRegularizer.get_cost()`` (FLOPs,
 attention matmuls included), with the threshold at infinity (every regularized group dead)
-and at 0 (every group alive). Also recorded: the fraction of channel groups kept fixed,
+and at 0 (every group alive); ``prunable_flop_share_normalized`` is the same with
+``prune_normalized=True`` (LayerNorm'd residual widths prunable too, not function-preserving
+on rebuild). Also recorded: the fraction of channel groups kept fixed,
 the number of prunable conv / linear layers, and whether the all-alive cost equals
 FlopCounterMode's count (with the fused CPU attention kernel counted by PyTorch's own SDPA
 formula, as ``get_cost`` counts it). What stays is what the analysis keeps fixed on purpose:
@@ -80,9 +82,11 @@ def measure(spec: str) -> dict | None:
     dead = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=float("inf"))
     seconds = time.perf_counter() - start
     full, rest = alive.get_cost().item(), dead.get_cost().item()
+    normalized = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=float("inf"), prune_normalized=True)
     a = alive.analysis
     return {"model": spec, "input": size, "flops": full, "flops_all_dead": rest,
             "prunable_flop_share": round(1.0 - rest / full, 4),
+            "prunable_flop_share_normalized": round(1.0 - normalized.get_cost().item() / full, 4),
             "fixed_group_fraction": round(float(a.fixed_group.mean()), 3), "groups": int(a.num_groups),
             "prunable_layers": len(morphnet.StructureExporter(alive).get_alive_counts()),
             "exact": full == counted_flops(model, x), "analysis_s": round(seconds, 2)}
@@ -105,7 +109,8 @@ def main() -> None:
             print(f"{spec}: skipped (timm is not installed)", flush=True)
             continue
         rows.append(row)
-        print(f"{spec:36s} prunable FLOP share {row['prunable_flop_share']:.4f}  fixed groups "
+        print(f"{spec:36s} prunable FLOP share {row['prunable_flop_share']:.4f} "
+              f"(prune_normalized {row['prunable_flop_share_normalized']:.4f})  fixed groups "
               f"{row['fixed_group_fraction']:.1%}  prunable layers {row['prunable_layers']}  "
               f"exact {row['exact']}  ({row['analysis_s']} s)", flush=True)
     write_results(args.out, {"environment": environment(torch.device("cpu")), "skipped": skipped, "rows": rows},

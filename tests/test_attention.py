@@ -5,6 +5,8 @@ Small configurations of torchvision's VisionTransformer and SwinTransformer and 
 (fused and unfused attention) and Swin, all randomly initialized.
 """
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -16,10 +18,13 @@ from nets import counted_flops, random_dead_groups
 from test_rebuild_zoo import kill_quarter
 
 
-def kill_heads_and_units(model, reg, heads, seed=0):
-    """Zero a random quarter of the heads of every attention module (at least one) and of the other groups."""
+def kill_heads_and_units(model, reg, heads, seed=0, others=True):
+    """Zero a random quarter of the heads of every attention module (at least one) and, with ``others``,
+    of the other regularized groups."""
     a = reg.analysis
     dead, rng = random_dead_groups(reg, seed)
+    if not others:
+        dead[:] = False
     for module, count in heads.items():
         groups = list(dict.fromkeys(a.group_of[a.weights[_qkv(a, module)].out_ids].tolist()))
         dead[groups] = False
@@ -255,3 +260,52 @@ def test_a_view_with_a_constant_inner_size_is_caught_by_the_rebuild():
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"conv": 8}
     with pytest.raises(RuntimeError, match="splits channels differently"):
         morphnet.apply_structure(model, {"conv": 4}, x)
+
+
+@pytest.mark.parametrize("name", ["torchvision_vit", "torchvision_swin", "timm_vit_unfused"])
+def test_prune_normalized_makes_the_residual_width_prunable_and_the_rebuild_says_it_is_not_exact(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    exact = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-6)
+    reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-6, prune_normalized=True)
+    assert reg.get_cost().item() == counted_flops(model, x)
+    assert reg.grouping.regularized.sum() > exact.grouping.regularized.sum()
+    none_alive = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=float("inf"), prune_normalized=True)
+    assert none_alive.get_cost().item() == 0.0  # every width, the residual stream's included, can go
+    kill_quarter(model, reg, "group_lasso", seed=5)
+    with pytest.warns(UserWarning, match=r"not function-preserving: relative output deviation [0-9.e-]+"):
+        slim = morphnet.apply_structure(model, reg, x, keep_weights=True)
+    assert counted_flops(slim, x) == reg.get_cost().item() < counted_flops(model, x)
+
+
+def test_prune_normalized_rebuild_that_keeps_the_normalized_channels_is_exact_and_silent(recwarn):
+    model = timm_vit(False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-6, prune_normalized=True)
+    kill_heads_and_units(model, reg, _heads(model), seed=6, others=False)  # heads only: the residual stays
+    slim = morphnet.apply_structure(model, reg, x, keep_weights=True)
+    assert not any("not function-preserving" in str(w.message) for w in recwarn)
+    assert sum(_heads(slim).values()) < sum(_heads(model).values())
+    with torch.no_grad():
+        assert torch.allclose(slim.eval()(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["torchvision_vit", "torchvision_swin", "timm_vit_fused", "timm_swin"])
+def test_a_block_that_loses_every_head_rebuilds_exactly(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-6)
+    first = next(iter(_heads(model)))
+    kill_heads_and_units(model, reg, {first: 4 * _heads(model)[first]}, others=False)  # all of its heads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slim = morphnet.apply_structure(model, reg, x, keep_weights=True)
+    kept = _heads(slim)[first]
+    if name == "timm_swin":  # its forward infers the head width with -1: one head stays, with a warning
+        assert kept == 1 and any("cannot have zero" in str(w.message) for w in caught)
+    else:
+        assert kept == 0
+    with torch.no_grad():
+        assert torch.allclose(slim.eval()(x), model(x), atol=1e-5)

@@ -131,6 +131,7 @@ class ChannelAnalysis:
     blacklisted_group: np.ndarray
     products: list[ProductCall] = field(default_factory=list)
     shape_checks: list[ShapeCheck] = field(default_factory=list)
+    normalized: list[np.ndarray] = field(default_factory=list)  # channels prunable only by prune_normalized
 
     @property
     def batch_size(self) -> int:
@@ -177,6 +178,8 @@ class Walker:
         self.products: list[ProductCall] = []
         self.shape_checks: list[ShapeCheck] = []
         self.modules: dict[str, nn.Module] = {}  # the model's modules by name, when the model is known
+        self.prune_normalized = False  # LayerNorm'd channels prunable (not function-preserving)
+        self.normalized: list[np.ndarray] = []
         self.node: OpNode | None = None
         self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
@@ -308,8 +311,12 @@ def analyze_channels(
     force_group=None,
     regularizer_blacklist=None,
     prune_outputs: bool = False,
+    prune_normalized: bool = False,
 ) -> ChannelAnalysis:
-    """Walk ``graph`` and return the channel groups and per-layer data."""
+    """Walk ``graph`` and return the channel groups and per-layer data.
+
+    ``prune_normalized``: channels normalized together by LayerNorm / RMSNorm become
+    prunable; removing them changes the statistics, so such a rebuild is not exact."""
     from morphnet.channels.handlers import HANDLERS, handle_unknown, leaf_handler
 
     in_bound = _norm_names(input_boundary, model, "input_boundary")
@@ -322,6 +329,7 @@ def analyze_channels(
     w = Walker(graph)
     if model is not None:
         w.modules = dict(model.named_modules())
+    w.prune_normalized = prune_normalized
     for node in graph.nodes:
         w.node = node
         if node.index in skip:
@@ -361,6 +369,7 @@ def analyze_channels(
         alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
         blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
+        normalized=w.normalized,
     )
 
 

@@ -98,9 +98,9 @@ def _window_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     rows, cols, area = ph // wh, pw // ww, wh * ww
     windows = x.view(n, rows, wh, cols, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n * rows * cols, area, c)
-    heads = self.num_heads
-    q, k, v = self.qkv(windows).view(windows.shape[0], area, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
+    heads, d = self.num_heads, self.head_dim
+    q, k, v = self.qkv(windows).view(windows.shape[0], area, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
     if sum(shift) > 0:
         region = x.new_zeros((ph, pw))
         label = 0
@@ -110,10 +110,10 @@ def _window_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
                 label += 1
         region = region.view(rows, wh, cols, ww).permute(0, 2, 1, 3).reshape(rows * cols, area)
         mask = (region.unsqueeze(1) - region.unsqueeze(2) != 0).to(attn.dtype) * -100.0
-        attn = (attn.view(n, rows * cols, heads, area, area) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, area,
-                                                                                                     area)
+        attn = attn.view(n, rows * cols, heads, area, area) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(n * rows * cols, heads, area, area)
     attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
-    out = (attn @ v).transpose(1, 2).reshape(windows.shape[0], area, -1)
+    out = (attn @ v).transpose(1, 2).reshape(windows.shape[0], area, heads * d)
     out = F.dropout(self.proj(out), self.dropout, self.training)
     out = out.view(n, rows, cols, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n, ph, pw, c)
     if sum(shift) > 0:
@@ -134,10 +134,15 @@ def _slim_class(klass: type, forward) -> type:
 
 def _torchvision_window_attention(module: nn.Module, original: nn.Module) -> None:
     head_dim = original.qkv.out_features // 3 // original.num_heads
-    heads = module.qkv.weight.shape[0] // 3 // head_dim
-    if heads != original.num_heads:
-        module.num_heads = heads
+    if module.qkv.weight.shape != original.qkv.weight.shape:  # heads or the input width pruned
+        module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
+        module.head_dim = head_dim
         module.__class__ = _slim_class(type(original), _window_attention_forward)
+
+
+# attention classes whose forward cannot run with zero heads (timm's window attention infers the
+# head width with -1): the rebuild keeps one head there
+NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",)
 
 
 FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
@@ -149,10 +154,26 @@ FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
 assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
 
 
+def _torchvision_vit(module: nn.Module, original: nn.Module) -> None:
+    module.hidden_dim = module.conv_proj.weight.shape[0]  # read by its patch reshape
+
+
+# transformer models that store their residual width (pruned only with prune_normalized=True)
+WIDTH_FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
+    "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
+}
+
+
 def fix_attention(module: nn.Module, original: nn.Module) -> bool:
-    """Update the head count of a known attention module; False for other modules."""
+    """Update the head count of a known attention module (or the width a known transformer
+    stores); False for other modules."""
     kind = attention_kind(original)
-    if kind is None:
-        return False
-    FIXUPS[kind](module, original)
-    return True
+    if kind is not None:
+        FIXUPS[kind](module, original)
+        return True
+    for klass in type(original).__mro__:
+        key = f"{klass.__module__}.{klass.__qualname__}"
+        if key in WIDTH_FIXUPS:
+            WIDTH_FIXUPS[key](module, original)
+            return True
+    return False

@@ -105,7 +105,28 @@ def _build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *
             init_fn(slim)
     _check_runs(slim, model, example_inputs, unknown, same_outputs=s.regularizer is None)
     _check_splits(slim, a, copies, example_inputs)
+    if keep_weights and any((copies[a.group_of[ids]] == 0).any() for ids in a.normalized):
+        warnings.warn(f"keep_weights=True: the structure removes channels that LayerNorm / RMSNorm normalize "
+                      f"together (learned with prune_normalized=True), which changes their statistics, so the "
+                      f"rebuilt {type(model).__name__} is not function-preserving: relative output deviation "
+                      f"{_deviation(model, slim, example_inputs):.3g} on example_inputs. Fine-tune or retrain it.",
+                      stacklevel=3)
     return slim
+
+
+def _deviation(model: nn.Module, slim: nn.Module, example_inputs) -> float:
+    """Largest relative deviation (L2) of ``slim``'s outputs from ``model``'s, in eval mode."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    worst = 0.0
+    with preserved_state(model), preserved_state(slim), torch.no_grad():
+        model.eval()
+        slim.eval()
+        want = [t for t in pytree.tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+        got = [t for t in pytree.tree_leaves(slim(*inputs)) if isinstance(t, torch.Tensor)]
+        for w, g in zip(want, got):
+            if w.shape == g.shape and w.is_floating_point():
+                worst = max(worst, float((g - w).norm() / w.norm().clamp_min(1e-30)))
+    return worst
 
 
 def _check_splits(slim: nn.Module, a, copies: np.ndarray, example_inputs) -> None:

@@ -102,15 +102,12 @@ def expand(w: Walker, node) -> None:
             w.fix(x)
         else:
             w.set_chan(out, Chan(c.dim + shift, c.ids))
-    else:
-        broadcast = [d for d in range(len(new)) if new[d] > 1 and (d < shift or old[d - shift] == 1)]
+    elif split_rule(w, node.module)[0] == "heads":
+        broadcast = [d for d in range(shift, len(new)) if new[d] > 1 and old[d - shift] == 1]
         if len(broadcast) == 1:
-            # one dim broadcast from size 1 (an attention mask expanded to the heads): its entries are
-            # equal, so it may follow the channels it meets; the rebuild checks the code's size follows too
-            ids = w.elements.new(new[broadcast[0]])
-            w.set_chan(out, Chan(broadcast[0], ids))
-            if split_rule(w, node.module)[0] == "groups":  # attention modules' rebuild is known
-                w.shape_checks.append(ShapeCheck(node.index, 0, broadcast[0], ids))
+            # in an attention module, a mask expanded to the heads: its entries are equal along that
+            # dim, so it follows the heads it meets (the module's rebuild expands to the new count)
+            w.set_chan(out, Chan(broadcast[0], w.elements.new(new[broadcast[0]])))
     sv = w.state_view(x)
     if sv is not None:
         dims = [None] * shift + [sv.dims[i] if old[i] == new[i + shift] else None for i in range(len(old))]
