@@ -140,6 +140,21 @@ def _torchvision_window_attention(module: nn.Module, original: nn.Module) -> Non
         module.__class__ = _slim_class(type(original), _window_attention_forward)
 
 
+def _maxvit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision MaxViT's attention with ``n_heads`` heads (its own reshapes back to the input width)."""
+    b, g, p, _ = x.shape
+    h, d = self.n_heads, self.head_dim
+    q, k, v = self.to_qkv(x).view(b, g, p, 3, h, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    attn = F.softmax(q @ (k * self.scale_factor).transpose(-2, -1) + self.get_relative_positional_bias(), dim=-1)
+    return self.merge((attn @ v).permute(0, 1, 3, 2, 4).reshape(b, g, p, h * d))
+
+
+def _torchvision_maxvit_attention(module: nn.Module, original: nn.Module) -> None:
+    if module.to_qkv.weight.shape != original.to_qkv.weight.shape:  # heads or the input width pruned
+        module.n_heads = module.to_qkv.weight.shape[0] // 3 // original.head_dim
+        module.__class__ = _slim_class(type(original), _maxvit_attention_forward)
+
+
 # attention classes whose forward cannot run with zero heads (timm's window attention infers the
 # head width with -1): the rebuild keeps one head there
 NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",)
@@ -150,6 +165,7 @@ FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "torchvision.models.swin_transformer.ShiftedWindowAttention": _torchvision_window_attention,
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _torchvision_maxvit_attention,
 }
 assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
 

@@ -35,6 +35,7 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     "torch.nn.modules.activation.MultiheadAttention": _mha_head_dim,
     "timm.layers.attention.Attention": lambda m: m.head_dim,
     "timm.models.swin_transformer.WindowAttention": lambda m: m.qkv.out_features // 3 // m.num_heads,
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: m.head_dim,
     "torchvision.models.swin_transformer.ShiftedWindowAttention":
         lambda m: None if hasattr(m, "logit_scale") else m.qkv.out_features // 3 // m.num_heads,
 }
