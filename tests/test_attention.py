@@ -309,3 +309,29 @@ def test_a_block_that_loses_every_head_rebuilds_exactly(name):
         assert kept == 0
     with torch.no_grad():
         assert torch.allclose(slim.eval()(x), model(x), atol=1e-5)
+
+
+class HandWrittenAttention(nn.Module):
+    """Heads split by code the attention table does not know: the split is not merged back at once."""
+
+    def __init__(self, heads=4, head_dim=8):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv, self.proj, self.out = nn.Linear(16, 3 * heads * head_dim), nn.Linear(heads * head_dim, 16), \
+            nn.Linear(16, 2)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.out(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+
+
+def test_heads_split_by_unknown_code_keep_their_width_and_costs_still_count_the_matmuls():
+    model = HandWrittenAttention()
+    x = torch.randn(2, 5, 16)
+    reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-6)
+    a = reg.analysis
+    assert a.fixed_group[a.group_of[a.weights["qkv.weight"].out_ids]].all()
+    assert reg.get_cost().item() == counted_flops(model, x)
+    assert set(morphnet.StructureExporter(reg).get_alive_counts()) == {"proj"}

@@ -41,12 +41,15 @@ def _split_view(w: Walker, node, old, new, c: Chan) -> None:
     """The view splits the channel dim into several dims (attention heads, channel shuffle groups).
 
     Inside an attention module of the table in ``attention.py`` the head dim carries the
-    channels and a head is pruned whole; elsewhere the innermost dim does and the outer
-    dims keep their size (``view(n, groups, C // groups)``). Either way the rebuilt model
-    is checked to split the same way (a ``ShapeCheck``); a view the rule cannot follow
-    keeps its channels fixed.
+    channels and a head is pruned whole. Elsewhere only a split that is merged back after
+    permutes alone (a channel shuffle: a permutation of the channels) is followed: the
+    innermost dim carries and the outer dims keep their size (``view(n, groups, C // groups)``),
+    and the rebuilt model is checked to split the same way (a ``ShapeCheck``). Any other
+    split keeps its channels fixed.
     """
     rule, head_dim = split_rule(w, node.module)
+    if rule == "groups" and not _merged_back(w, node.outputs[0], tuple(old)):
+        rule = "fixed"  # the split dims are used on their own (heads of unknown code): keep the width
     split = None if rule == "fixed" else split_channel_through_view(old, new, c.dim, c.ids, head_dim)
     if split is None:
         w.fix(node.tensor_inputs()[0])
@@ -56,6 +59,25 @@ def _split_view(w: Walker, node, old, new, c: Chan) -> None:
     w.set_chan(node.outputs[0], Chan(carrier, ids))
     if rule == "groups":  # heads are followed in modules whose rebuild is known; other code is checked
         w.shape_checks.append(ShapeCheck(node.index, 0, carrier, ids))
+
+
+_REORDERS = ("permute", "transpose", "clone", "contiguous", "expand")
+_MERGES = ("view", "_unsafe_view", "reshape", "flatten", "_reshape_alias")
+
+
+def _merged_back(w: Walker, v: int, shape: tuple) -> bool:
+    """``v`` only flows through permutes / copies into a view back to ``shape`` (a shuffle)."""
+    while True:
+        users = w.consumers(v)
+        if len(users) != 1:
+            return False
+        user = w.graph.nodes[users[0]]
+        kind = getattr(user.op, "_opname", "")
+        if kind in _MERGES:
+            return tuple(w.shape(user.outputs[0])) == shape
+        if kind not in _REORDERS or (kind == "expand" and w.shape(user.outputs[0]) != w.shape(v)):
+            return False
+        v = user.outputs[0]
 
 
 def _permuted(w: Walker, x: int, out: int, perm: list[int]) -> None:
