@@ -50,7 +50,7 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         for mask, shape in ((attn_mask, (-1, h, length, source)), (key_padding_mask, (n, 1, 1, source))):
             if mask is not None:
                 if mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, dtype=attn.dtype, device=attn.device).masked_fill(mask, float("-inf"))
+                    mask = attn.new_zeros(mask.shape).masked_fill(mask, float("-inf"))
                 attn = attn + (mask.reshape(shape) if mask.dim() > 2 or shape[0] == n else mask)
         attn = F.dropout(attn.softmax(-1), self.dropout, self.training)
         out = self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, h * d))

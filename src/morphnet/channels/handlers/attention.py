@@ -64,7 +64,7 @@ def split_rule(w: Walker, module: str) -> tuple[str, int | None]:
     return ("fixed", None) if head_dim is None else ("heads", head_dim)
 
 
-def _role(c: Chan | None, rank: int, contract: int, free: int) -> str | None:
+def _role(c: Chan | None, contract: int, free: int) -> str | None:
     if c is None:
         return None
     if c.dim == contract:
@@ -84,7 +84,7 @@ def activation_bmm(w: Walker, node, a: int, b: int, bias: int | None = None) -> 
     sa, sb = w.shape(a), w.shape(b)
     ra, rb = len(sa), len(sb)
     ca, cb = w.chan(a), w.chan(b)
-    role_a, role_b = _role(ca, ra, ra - 1, ra - 2), _role(cb, rb, rb - 2, rb - 1)
+    role_a, role_b = _role(ca, ra - 1, ra - 2), _role(cb, rb - 2, rb - 1)
     out_chan, ids = None, None
     if role_a == role_b == "batch" and ra == rb and ca.dim == cb.dim:
         w.elements.union(ca.ids, cb.ids)
@@ -141,7 +141,8 @@ def fused_attention(w: Walker, node) -> None:
     heads = [w.chan(t) for t in (q, k, v)]
     lead = len(sq) - 2
     ids = None
-    if all(c is not None and c.dim < lead for c in heads) and len({c.dim for c in heads}) == 1:
+    if (all(c is not None and c.dim < lead for c in heads) and len({c.dim for c in heads}) == 1
+            and len({len(c.ids) for c in heads}) == 1):  # grouped-query attention (fewer k / v heads): fixed
         w.elements.union(heads[0].ids, heads[1].ids)
         w.elements.union(heads[0].ids, heads[2].ids)
         ids = heads[0].ids
