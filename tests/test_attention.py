@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 import morphnet
+from morphnet.channels import analyze_model
 from nets import counted_flops, random_dead_groups
 from test_rebuild_zoo import kill_quarter
 
@@ -232,14 +233,12 @@ def test_chunk_and_channel_shuffle_are_followed_and_rebuild_exactly():
     assert counted_flops(slim, x) == reg.get_cost().item()
 
 
-def test_a_split_by_a_constant_size_is_caught_by_the_rebuild():
+def test_a_split_by_a_constant_size_keeps_its_channels():
     x = torch.randn(2, 3, 6, 6)
-    reg = morphnet.GroupLassoFlopsRegularizer(ShuffleBlock(), x, threshold=1e-6)
-    kill_quarter(reg.model, reg, "group_lasso", seed=4)
-    counts = morphnet.StructureExporter(reg).get_alive_counts()
-    morphnet.apply_structure(ShuffleBlock(), counts, x)  # chunk(2) follows the width
-    with pytest.raises(RuntimeError, match="(splits channels differently|does not run)"):
-        morphnet.apply_structure(ShuffleBlock(split=8), counts, x)  # the same channels, the size stays 8
+    chunked, split = analyze_model(ShuffleBlock(), x), analyze_model(ShuffleBlock(split=8), x)
+    assert not chunked.fixed_group[chunked.group_of[chunked.weights["stem.weight"].out_ids]].any()
+    # split(8) reads the same channels as chunk(2), but its size is a constant of the code
+    assert split.fixed_group[split.group_of[split.weights["stem.weight"].out_ids]].all()
 
 
 def test_a_view_with_a_constant_inner_size_is_caught_by_the_rebuild():

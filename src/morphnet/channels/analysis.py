@@ -466,8 +466,8 @@ def vid(x) -> int | None:
     return x.index if isinstance(x, ValueRef) else None
 
 
-__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "ProductCall", "ShapeCheck", "WeightInfo", "DataOp", "TensorUse", "analyze_channels",
-           "Walker", "bind", "vid", "torch"]
+__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "ProductCall", "ShapeCheck", "WeightInfo", "DataOp", "TensorUse",
+           "analyze_channels", "Walker", "bind", "vid", "torch"]
 
 
 def analyze_model(model: nn.Module, example_inputs, **options) -> ChannelAnalysis:

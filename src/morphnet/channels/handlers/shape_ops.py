@@ -235,12 +235,14 @@ def select(w: Walker, node) -> None:
 
 
 def _equal_parts(w: Walker, node, x: int, dim: int, c: Chan) -> bool:
-    """Equal parts of the channel dim (``chunk(n)``) each keep their own channels.
+    """Equal parts of the channel dim made by ``chunk(n)`` each keep their own channels.
 
     Position j of every part is tied, so every part keeps the same positions and the
-    rebuilt model's ``chunk(n)`` cuts at the same place; a split by a constant size in
-    the code is caught by the rebuild's shape check. Unequal parts return False.
+    rebuilt model's ``chunk(n)`` cuts at the same place (also checked after the rebuild).
+    A ``split`` by a size (a constant in the code) or unequal parts return False.
     """
+    if node.python_op != "chunk":  # split(size) in the code: the size is a constant
+        return False
     outs = [o for o in node.outputs if o is not None]
     sizes = {w.shape(o)[dim] for o in outs}
     if len(outs) < 2 or len(outs) != len(node.outputs) or len(sizes) != 1 or sizes.pop() * len(outs) != len(c.ids):
