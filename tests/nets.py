@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
 
 
 class ConcatNet(nn.Module):
@@ -57,7 +58,7 @@ class ResidualNet(nn.Module):
         return self.head(torch.relu(self.bn1(x0 + x1)))
 
 
-LAYER_OPS = ("convolution", "addmm", "mm")
+LAYER_OPS = ("convolution", "addmm", "mm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def random_dead_groups(reg, seed: int = 0, fraction: float = 0.25):
@@ -71,13 +72,18 @@ def random_dead_groups(reg, seed: int = 0, fraction: float = 0.25):
     return dead, rng
 
 
+# FlopCounterMode does not count the fused CPU attention kernel: the same formula as its other SDPA kernels
+FUSED_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                   lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v)}
+
+
 def counted_flops(model: nn.Module, *inputs) -> int:
-    """FLOPs per example of the conv and linear ops that FlopCounterMode counts (eval mode)."""
+    """FLOPs per example of the conv, linear and attention ops FlopCounterMode counts (eval mode)."""
     was = model.training
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=FUSED_ATTENTION) as counter, torch.no_grad():
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(True)

@@ -20,6 +20,7 @@ SCRIPTS = {
     "pareto.py": {"environment", "settings", "comparisons", "rows"},
     "budgets.py": {"environment", "setting", "table", "morphnet_by_validation", "rows"},
     "latency_fidelity.py": {"environment", "settings", "summary", "rows"},
+    "prunable_share.py": {"environment", "skipped", "rows"},
 }
 # seconds a script may take in quick mode: 5-20x its time on an idle 2-core box (4-9 s), 2-3x its
 # time on one loaded by five other jobs, so a hang fails fast with the script's output
@@ -214,6 +215,14 @@ def test_zoo_costs_match_flop_counter(quick):
     result, _ = quick("zoo_costs.py")
     assert [row["model"] for row in result["rows"]] == ["resnet18", "mobilenet_v2"]
     assert all(row["exact"] for row in result["rows"])
+
+
+def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):
+    result, _ = quick("prunable_share.py")
+    rows = {row["model"]: row for row in result["rows"]}
+    assert all(row["exact"] for row in rows.values())
+    assert rows["tiny_vit@32"]["prunable_flop_share"] >= 0.8  # heads, MLPs, attention matmuls; not the stem
+    assert rows["shufflenet_v2_x0_5@64"]["fixed_group_fraction"] <= 0.10
 
 
 def test_every_benchmark_script_is_covered():

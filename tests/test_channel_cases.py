@@ -164,14 +164,18 @@ class Attention(nn.Module):
         return self.out(h.mean(1))
 
 
-def test_attention_projections_are_fixed_and_the_mlp_is_prunable():
+def test_attention_heads_and_the_mlp_are_prunable_and_the_normalized_width_is_not():
     net = Attention()
     x = torch.randn(2, 7, 6)
     reg = morphnet.GroupLassoFlopsRegularizer(net, x, threshold=0.0)
     assert reg.get_cost().item() == counted_flops(net, x)
     assert morphnet.compute_cost(net, x, "size") == weight_count(net)
     assert morphnet.compute_cost(net, x, "flops") == counted_flops(net, x)
-    assert set(morphnet.StructureExporter(reg).get_alive_counts()) == {"fc1"}
+    assert set(morphnet.StructureExporter(reg).get_alive_counts()) == {"fc1", "attn"}
+    a = reg.analysis
+    heads = a.group_of[a.weights["attn.in_proj_weight"].out_ids]
+    assert len(set(heads.tolist())) == 4  # one group per head: q, k and v rows of a head together
+    assert a.fixed_group[a.group_of[a.weights["embed.weight"].out_ids]].all()  # LayerNorm'd residual
 
 
 class Normalized(nn.Module):
@@ -207,7 +211,7 @@ def test_layer_norm_across_channels_keeps_them_fixed():
         morphnet.GroupLassoFlopsRegularizer(LN(), torch.randn(1, 3, 4, 4), threshold=0.0)
 
 
-def test_flip_maps_channels_exactly_and_chunk_keeps_them():
+def test_flip_maps_channels_exactly_and_chunk_ties_its_parts():
     class FlipChunk(nn.Module):
         def __init__(self):
             super().__init__()
@@ -222,7 +226,9 @@ def test_flip_maps_channels_exactly_and_chunk_keeps_them():
     reg = morphnet.GroupLassoFlopsRegularizer(FlipChunk(), torch.randn(1, 3, 4, 4), threshold=0.0)
     g = _groups(reg, "conv")
     assert g[0] == g[3] and g[1] == g[2] and g[0] != g[1]
-    assert reg.analysis.fixed_group[_groups(reg, "conv2")].all()
+    g2 = _groups(reg, "conv2")  # chunk(2): position j of both halves is pruned together
+    assert list(g2[:3]) == list(g2[3:]) and len(set(g2)) == 3
+    assert not reg.analysis.fixed_group[g2].any()
 
 
 class Weird(nn.Module):

@@ -48,17 +48,18 @@ def test_all_alive_cost_equals_flop_counter_and_weight_count(name, size, family)
     assert morphnet.StructureExporter(flops).get_alive_counts(), "something must be prunable"
 
 
-def test_shufflenet_keeps_channels_across_the_shuffle_fixed():
+def test_shufflenet_prunes_channels_across_the_shuffle():
     model = _build("shufflenet_v2_x0_5")
     reg = morphnet.GammaFlopsRegularizer(model, torch.randn(1, 3, 64, 64), gamma_threshold=0.0)
     counts = morphnet.StructureExporter(reg).get_alive_counts()
-    # the first 1x1 conv and the depthwise conv inside branch2 are prunable; the block outputs are not
     assert "stage2.1.branch2.0" in counts
-    assert "stage2.1.branch2.5" not in counts  # its output is concatenated, then shuffled
+    assert "stage2.1.branch2.5" in counts  # concatenated, shuffled and chunked: followed exactly
+    assert reg.analysis.fixed_group.mean() <= 0.10
 
 
-def test_vit_prunes_only_the_mlp_hidden_width():
+def test_vit_prunes_heads_and_the_mlp_hidden_width():
     model = _build("vit_b_32")
     reg = morphnet.GroupLassoFlopsRegularizer(model, torch.randn(1, 3, 224, 224), threshold=0.0)
     counts = morphnet.StructureExporter(reg).get_alive_counts()
-    assert counts and all(k.endswith("mlp.0") for k in counts), sorted(counts)[:5]
+    assert counts and all(k.endswith(("mlp.0", "self_attention")) for k in counts), sorted(counts)[:5]
+    assert len(counts) == 24

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class OpNode:
     kwargs: dict
     outputs: list[int | None]  # flat outputs (None for non-tensor results)
     module: str  # owning module name ("" for the top-level model)
+    python_op: str = ""  # the torch function that issued it, when capture tracks it ("chunk")
 
     @property
     def name(self) -> str:
@@ -149,12 +151,35 @@ class _ModuleStack:
         return self.stack[-1] if self.stack else ""
 
 
+class _PythonOps(TorchFunctionMode):
+    """Names the torch functions whose aten ops cannot tell them apart: ``chunk(n)`` computes
+    its part size from the tensor's width, ``split(size)`` takes a constant, both become
+    ``aten.split``. Only the first can follow a pruned width."""
+
+    TRACKED = {torch.chunk: "chunk", torch.Tensor.chunk: "chunk"}
+
+    def __init__(self, recorder: "_Recorder"):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.TRACKED.get(func)
+        if name is None:
+            return func(*args, **(kwargs or {}))
+        outer, self.recorder.python_op = self.recorder.python_op, name
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.recorder.python_op = outer
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, graph: Graph, state_ids: dict[int, str], modules: _ModuleStack):
         super().__init__()
         self.graph = graph
         self.state_ids = state_ids
         self.modules = modules
+        self.python_op = ""
         self.value_of: dict[int, int] = {}  # id(tensor) -> value index
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive so ids stay unique
 
@@ -193,7 +218,7 @@ class _Recorder(TorchDispatchMode):
         if self.modules.leaf_depth:
             return out
         rec_args, rec_kwargs = pytree.tree_map_only(torch.Tensor, self.ref, (args, kwargs))
-        node = OpNode(len(self.graph.nodes), func, rec_args, rec_kwargs, [], self.modules.current)
+        node = OpNode(len(self.graph.nodes), func, rec_args, rec_kwargs, [], self.modules.current, self.python_op)
         for o in pytree.tree_leaves(out):
             if isinstance(o, torch.Tensor):
                 idx = self.new_value(o, producer=node.index)
@@ -275,7 +300,7 @@ def _run(model: nn.Module, inputs: tuple, graph: Graph, state_ids, state: dict |
         for x in pytree.tree_leaves(inputs):
             if isinstance(x, torch.Tensor):
                 graph.inputs.append(recorder.new_value(x))
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), recorder, _PythonOps(recorder):
             out = _forward(model, inputs, state)
         graph.outputs = [recorder.value_of[id(t)] if id(t) in recorder.value_of else recorder.ref(t).index
                          for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -11,7 +11,7 @@ Ops with unknown channel semantics that touch channel-carrying tensors raise
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -90,6 +90,30 @@ class DataOp:
 
 
 @dataclass
+class ProductCall:
+    """A product between activations (attention's q.k^T and attn x v).
+
+    FLOPs per example are ``flop_coef * A(ids)``, or ``flop_coef`` when ``ids`` is None
+    (nothing prunable rides on the product)."""
+
+    module: str
+    ids: np.ndarray | None
+    flop_coef: float
+    node: int
+
+
+@dataclass
+class ShapeCheck:
+    """A split the analysis followed: in the rebuilt model, output ``pos`` of node ``node``
+    must have as many entries along ``dim`` as ``ids`` has surviving copies."""
+
+    node: int
+    pos: int
+    dim: int
+    ids: np.ndarray
+
+
+@dataclass
 class ChannelAnalysis:
     """Result of the channel stage: groups, per-layer element arrays, sources."""
 
@@ -105,6 +129,9 @@ class ChannelAnalysis:
     data_ops: list[DataOp]
     module_out_ids: dict[str, np.ndarray]  # conv / linear / BN module -> output elements
     blacklisted_group: np.ndarray
+    products: list[ProductCall] = field(default_factory=list)
+    shape_checks: list[ShapeCheck] = field(default_factory=list)
+    normalized: list[np.ndarray] = field(default_factory=list)  # channels prunable only by prune_normalized
 
     @property
     def batch_size(self) -> int:
@@ -148,6 +175,11 @@ class Walker:
         self.gamma: dict[str, np.ndarray] = {}
         self.data_ops: list[DataOp] = []
         self.module_out: dict[str, np.ndarray] = {}
+        self.products: list[ProductCall] = []
+        self.shape_checks: list[ShapeCheck] = []
+        self.modules: dict[str, nn.Module] = {}  # the model's modules by name, when the model is known
+        self.prune_normalized = False  # LayerNorm'd channels prunable (not function-preserving)
+        self.normalized: list[np.ndarray] = []
         self.node: OpNode | None = None
         self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
@@ -279,8 +311,12 @@ def analyze_channels(
     force_group=None,
     regularizer_blacklist=None,
     prune_outputs: bool = False,
+    prune_normalized: bool = False,
 ) -> ChannelAnalysis:
-    """Walk ``graph`` and return the channel groups and per-layer data."""
+    """Walk ``graph`` and return the channel groups and per-layer data.
+
+    ``prune_normalized``: channels normalized together by LayerNorm / RMSNorm become
+    prunable; removing them changes the statistics, so such a rebuild is not exact."""
     from morphnet.channels.handlers import HANDLERS, handle_unknown, leaf_handler
 
     in_bound = _norm_names(input_boundary, model, "input_boundary")
@@ -291,6 +327,9 @@ def analyze_channels(
     skip = _excluded_nodes(graph, in_bound, out_bound)
 
     w = Walker(graph)
+    if model is not None:
+        w.modules = dict(model.named_modules())
+    w.prune_normalized = prune_normalized
     for node in graph.nodes:
         w.node = node
         if node.index in skip:
@@ -329,7 +368,8 @@ def analyze_channels(
         graph=graph, group_of=group_of, num_groups=num_groups, fixed_group=fixed,
         alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
-        blacklisted_group=blacklisted,
+        blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
+        normalized=w.normalized,
     )
 
 
@@ -426,8 +466,8 @@ def vid(x) -> int | None:
     return x.index if isinstance(x, ValueRef) else None
 
 
-__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "WeightInfo", "DataOp", "TensorUse", "analyze_channels",
-           "Walker", "bind", "vid", "torch"]
+__all__ = ["ChannelAnalysis", "Chan", "LayerCall", "ProductCall", "ShapeCheck", "WeightInfo", "DataOp", "TensorUse",
+           "analyze_channels", "Walker", "bind", "vid", "torch"]
 
 
 def analyze_model(model: nn.Module, example_inputs, **options) -> ChannelAnalysis:

@@ -63,6 +63,43 @@ def map_channel_through_view(old, new, dim: int, ids: np.ndarray):
     return None
 
 
+def split_channel_through_view(old, new, dim: int, ids: np.ndarray, head_dim: int | None = None):
+    """Follow a view that splits the channel dim into several dims (heads, groups).
+
+    Returns ``(carrier, carrier_ids, ties)`` or None when the view does not split the
+    channel dim. Batch dims merged into the split (``[L, B, C] -> [L, B * heads, d]``)
+    repeat the ids of the carrier. One new dim, the
+    *carrier*, keeps the channel ids; every other dim of the split keeps its size, so
+    the entries along them are tied (``ties``: pairs of id arrays to unite). The carrier
+    is the head dim (the one before an innermost dim of ``head_dim`` entries) when
+    ``head_dim`` is given and matches: a head is pruned as a whole. Otherwise it is the
+    innermost dim (``view(n, groups, C // groups)``: the group count is kept and every
+    group keeps the same positions, as in a grouped convolution).
+    """
+    for ga, gb in view_groups(tuple(old), tuple(new)):
+        if dim not in ga:
+            continue
+        old_sizes = [old[d] for d in ga]
+        sizes = [new[d] for d in gb]
+        if math.prod(old_sizes) > _MAX_EXPANDED:
+            return None
+        shape = [1] * len(ga)
+        shape[ga.index(dim)] = len(ids)
+        full = np.broadcast_to(ids.reshape(shape), old_sizes).reshape(sizes)
+        big = [k for k, s in enumerate(sizes) if s > 1 and not _constant_along(full, k)]
+        if len(big) < 2:
+            return None
+        carrier = big[-1]
+        if head_dim is not None and sizes[big[-1]] == head_dim:
+            carrier = big[-2]
+        full = np.moveaxis(full, carrier, 0).reshape(sizes[carrier], -1)
+        carrier_ids = np.ascontiguousarray(full[:, 0])
+        rest = full.shape[1]
+        ties = (np.repeat(carrier_ids, rest), full.ravel())
+        return gb[carrier], carrier_ids, ties
+    return None
+
+
 def _constant_along(a: np.ndarray, axis: int) -> bool:
     return bool(np.all(a == np.take(a, [0], axis=axis)))
 

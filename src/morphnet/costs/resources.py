@@ -13,7 +13,8 @@ Costs describe the inference network: ops of branches that run only in training
 size, which counts every conv / linear weight of the module.
 
 Conventions (docs/architecture.md, sections 3-5): FLOPs per example are 2 x MACs of conv and linear
-ops; grouped convs divide by the groups (which pruning keeps); depthwise convs cost
+ops and of the products between activations (attention's q.k^T and attn x v, linear
+in the heads they carry); grouped convs divide by the groups (which pruning keeps); depthwise convs cost
 C * A_out. Model size counts conv / linear weights once per parameter. Activation
 count is A_out per conv / linear call. Memory is 4 bytes per element of
 (inputs + outputs) x batch + weights. Latency is, per op, the max of
@@ -74,6 +75,14 @@ def _flops(p: CostProgram, a: ChannelAnalysis, layer_of=None, scale: float = 1.0
             p.linear.append((li, COMPUTE, call.flop_coef * scale, y, x))
         else:
             p.bilinear.append((li, COMPUTE, call.flop_coef / call.groups * scale, x, y))
+    for prod in a.products:  # products between activations (attention): linear in the heads they carry
+        if a.graph.training_only(prod.module):
+            continue
+        li = layer_of(prod) if layer_of else p.layer(prod.module)
+        if prod.ids is None:
+            p.const.append((li, COMPUTE, prod.flop_coef * scale))
+        else:
+            p.linear.append((li, COMPUTE, prod.flop_coef * scale, p.set_of(prod.ids), -1))
 
 
 def _size(p: CostProgram, a: ChannelAnalysis) -> None:
@@ -104,10 +113,11 @@ def _memory(p: CostProgram, a: ChannelAnalysis, batch_size: int, scale: float, l
                 p.linear.append((li, MEMORY, b * call.kernel, y, -1))
             else:
                 p.bilinear.append((li, MEMORY, b * call.kernel / call.groups, x, y))
+    products = {prod.node for prod in a.products}
     for op in a.data_ops:
         if a.graph.training_only(op.module) or _is_dropout(a.graph.module_types.get(op.module)):
             continue
-        li = p.layer(op.module)
+        li = layer_of(op) if op.node in products else p.layer(op.module)  # one roofline with its FLOPs
         for use in op.uses:
             if use.ids is None:
                 p.const.append((li, MEMORY, b * batch_size * use.numel))

@@ -26,6 +26,11 @@ class NetworkRegularizer:
     The analysis runs once, here; the term and the cost are then a fixed number of
     batched tensor ops that read the model's current parameters.
 
+    ``prune_normalized=True`` also makes channels normalized together by LayerNorm /
+    RMSNorm prunable (the residual width of transformers and ConvNeXt). Removing them
+    changes the normalization statistics, so the rebuilt model is a starting point for
+    fine-tuning or retraining, not the same function; ``apply_structure`` says so.
+
     ``regularizer_decorator(alive, reg, **decorator_parameters) -> (alive, reg)`` may
     transform the per-group alive (float, 1.0 = alive) and regularization vectors, for
     example to rescale the penalty or to force groups alive.
@@ -37,7 +42,7 @@ class NetworkRegularizer:
                  input_boundary: Sequence | None = None, output_boundary: Sequence | None = None,
                  force_group: Sequence[str] | None = None, regularizer_blacklist: Sequence[str] | None = None,
                  regularizer_decorator: Callable | None = None, decorator_parameters: dict | None = None,
-                 prune_outputs: bool = False):
+                 prune_outputs: bool = False, prune_normalized: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -50,7 +55,8 @@ class NetworkRegularizer:
         self.batch_size = batch_size
         self.analysis = analyze_model(
             model, example_inputs, input_boundary=input_boundary, output_boundary=output_boundary,
-            force_group=force_group, regularizer_blacklist=regularizer_blacklist, prune_outputs=prune_outputs)
+            force_group=force_group, regularizer_blacklist=regularizer_blacklist, prune_outputs=prune_outputs,
+            prune_normalized=prune_normalized)
         self.graph = self.analysis.graph
         self.source = self._make_source(model)
         self.grouping = SourceGrouping(self.analysis, self.source)

@@ -22,7 +22,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from morphnet.capture import capture_graph
 from morphnet.capture.graph import preserved_state
+from morphnet.channels.handlers import leaf_types
+from morphnet.surgery.attention import fix_attention
 from morphnet.surgery.structure import Structure, keep_nonempty, resolve
 
 
@@ -101,7 +104,61 @@ def _build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *
         if init_fn is not None:
             init_fn(slim)
     _check_runs(slim, model, example_inputs, unknown, same_outputs=s.regularizer is None)
+    _check_splits(slim, a, copies, example_inputs)
+    if keep_weights and any((copies[a.group_of[ids]] == 0).any() for ids in a.normalized):
+        warnings.warn(f"keep_weights=True: the structure removes channels that LayerNorm / RMSNorm normalize "
+                      f"together (learned with prune_normalized=True), which changes their statistics, so the "
+                      f"rebuilt {type(model).__name__} is not function-preserving: relative output deviation "
+                      f"{_deviation(model, slim, example_inputs):.3g} on example_inputs. Fine-tune or retrain it.",
+                      stacklevel=3)
     return slim
+
+
+def _deviation(model: nn.Module, slim: nn.Module, example_inputs) -> float:
+    """Largest relative deviation (L2) of ``slim``'s outputs from ``model``'s, in eval mode."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    worst = 0.0
+    with preserved_state(model), preserved_state(slim), torch.no_grad():
+        model.eval()
+        slim.eval()
+        want = [t for t in pytree.tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+        got = [t for t in pytree.tree_leaves(slim(*inputs)) if isinstance(t, torch.Tensor)]
+        for w, g in zip(want, got):
+            if w.shape == g.shape and w.is_floating_point():
+                worst = max(worst, float((g - w).norm() / w.norm().clamp_min(1e-30)))
+    return worst
+
+
+def _check_splits(slim: nn.Module, a, copies: np.ndarray, example_inputs) -> None:
+    """The splits of channels the analysis followed (heads, chunks, shuffles) split the same way in ``slim``.
+
+    The analysis assumes that a split's other dims are constants (a group count, a head
+    width) and the carrying dim follows the width; code with a different habit would
+    compute something else, so a mismatch is an error, never a silent change."""
+    checks = a.shape_checks
+    if not checks:
+        return
+    graph = capture_graph(slim, example_inputs, leaf_types=leaf_types())
+    slim_nodes = {key: node for node, key in zip(graph.nodes, _node_keys(graph))}
+    keys = _node_keys(a.graph)
+    for c in checks:
+        module = a.graph.nodes[c.node].module
+        if graph.module_types.get(module) is not a.graph.module_types.get(module):
+            continue  # a module whose forward the rebuild replaced (attention with pruned heads)
+        node = slim_nodes.get(keys[c.node])
+        if node is None or node.outputs[c.pos] is None:
+            warnings.warn(f"the rebuilt {type(slim).__name__} no longer runs aten op '{a.graph.nodes[c.node].name}' "
+                          f"in {a.graph.owner_description(a.graph.nodes[c.node].module)}; the channel split there "
+                          f"could not be checked", stacklevel=3)
+            continue
+        got = graph.values[node.outputs[c.pos]].shape[c.dim]
+        want = int(copies[a.group_of[c.ids]].sum())
+        if got != want:
+            raise RuntimeError(
+                f"the rebuilt {type(slim).__name__} splits channels differently from the analysis: aten op "
+                f"'{node.name}' in {graph.owner_description(node.module)} has {got} entries along dim {c.dim} "
+                f"instead of {want}. Its code probably splits by a constant size; keep those channels with "
+                f"input_boundary / output_boundary on that module, or report the model.")
 
 
 def _width_from_data(name: str, a, copies: np.ndarray) -> int | None:
@@ -150,8 +207,19 @@ def _update_attributes(module: nn.Module, original: nn.Module, name: str, a, cop
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
     else:
-        return False
+        return fix_attention(module, original)
     return True
+
+
+def _node_keys(graph) -> list[tuple[str, str, int]]:
+    """(module, op, how many times the module ran that op before): stable across a rebuild."""
+    seen: dict[tuple[str, str], int] = {}
+    keys = []
+    for node in graph.nodes:
+        k = (node.module, node.name)
+        keys.append((node.module, node.name, seen.get(k, 0)))
+        seen[k] = seen.get(k, 0) + 1
+    return keys
 
 
 def _check_runs(slim: nn.Module, model: nn.Module, example_inputs, unknown: list[str], same_outputs: bool) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from morphnet.channels import ChannelAnalysis, analyze_model
 from morphnet.export import load_alive_counts
 from morphnet.regularizers import NetworkRegularizer
+from morphnet.surgery.attention import NEEDS_A_HEAD
 
 
 @dataclass
@@ -239,6 +240,12 @@ def _nonempty_dims(a: ChannelAnalysis):
             yield info.module, info.out_ids
             if info.groups > 1 and not info.depthwise:  # a grouped conv cannot read zero channels
                 yield info.module, info.in_ids
+    for info in a.weights.values():  # the query / key / value projection of an attention module
+        parent = info.module.rpartition(".")[0]
+        kind = a.graph.module_types.get(parent)
+        if kind is not None and info.module.endswith(".qkv") and any(
+                f"{k.__module__}.{k.__qualname__}" in NEEDS_A_HEAD for k in kind.__mro__):
+            yield parent, info.out_ids
     for (state, dim), ids in a.alignments.items():
         owner = state.rpartition(".")[0]
         kind = a.graph.module_types.get(owner)

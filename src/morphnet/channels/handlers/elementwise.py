@@ -65,10 +65,17 @@ def _is_pointwise(op) -> bool:
     return torch.Tag.pointwise in getattr(op, "tags", ())
 
 
+_COPIES = tuple(getattr(aten, n) for n in ("clone", "contiguous", "_to_copy") if hasattr(aten, n))
+
+
 def pointwise(w: Walker, node) -> None:
     """Element-wise op with broadcasting: equal channel dims are tied, size-1 dims couple nothing."""
     _pointwise_core(w, node, node.tensor_inputs(), node.outputs[0] if node.outputs else None)
     _record_data(w, node, _io(node))
+    if node.op.overloadpacket in _COPIES and node.outputs and len(node.tensor_inputs()) == 1:
+        sv = w.state_view(node.tensor_inputs()[0])  # a copy of model state still follows its dims
+        if sv is not None:
+            w.state_views[node.outputs[0]] = sv
 
 
 handles(*_ops("hardswish", "hardswish_", "hardsigmoid_", "relu6", "mish", "mish_", "glu", "_to_copy",

@@ -13,6 +13,7 @@ from morphnet.channels.analysis import (
     bind,
     vid,
 )
+from morphnet.channels.handlers.attention import activation_bmm
 from morphnet.channels.handlers.registry import (
     _io,
     _ops,
@@ -167,13 +168,13 @@ def matmul(w: Walker, node) -> None:
         if _weight_view(w, a, ra) and _not_weight(w, m):
             _linear(w, node, m, a, bias, out, weight_first=True)
             return
+        if ra == 3 and node.op.overloadpacket in (aten.bmm, aten.baddbmm) and _not_weight(w, a) and _not_weight(w, m):
+            activation_bmm(w, node, a, m, bias)
+            return
     opaque(w, node)
 
 
-@handles(*_ops("_scaled_dot_product_flash_attention_for_cpu",
-               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-               "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention",
-               "_scaled_dot_product_attention_math", "_efficient_attention_forward", "_flash_attention_forward",
+@handles(*_ops("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
                "einsum", "dot", "vdot", "outer", "mv"))
 def opaque(w: Walker, node) -> None:
     """Products between activations (attention): the contracted and produced dims keep their width."""

@@ -52,7 +52,10 @@ def layer_norm(w: Walker, node) -> None:
     c = w.chan(x)
     norm_dims = range(rank - k, rank)
     if c is not None and c.dim in norm_dims:
-        w.elements.fix(c.ids)
+        if w.prune_normalized:  # asked for: prunable, but the statistics change (not exact)
+            w.normalized.append(c.ids)
+        else:
+            w.elements.fix(c.ids)
     for key in ("weight", "bias"):
         v = vid(b.get(key))
         sv = w.state_view(v)

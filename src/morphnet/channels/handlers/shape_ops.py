@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from morphnet.channels.analysis import Chan, StateView, Walker, bind, vid
+from morphnet.channels.analysis import Chan, ShapeCheck, StateView, Walker, bind, vid
+from morphnet.channels.handlers.attention import split_rule
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 from morphnet.channels.views import (
     map_channel_through_view,
     map_state_dims_through_view,
+    split_channel_through_view,
 )
 
 
@@ -20,8 +22,8 @@ def view(w: Walker, node) -> None:
     c = w.chan(x)
     if c is not None:
         mapped = map_channel_through_view(old, new, c.dim, c.ids)
-        if mapped is None:  # the view splits the channel dim (channel shuffle, heads): keep width
-            w.fix(x)
+        if mapped is None:
+            _split_view(w, node, old, new, c)
         else:
             w.set_chan(out, Chan(*mapped))
     sv = w.state_view(x)
@@ -33,6 +35,49 @@ def view(w: Walker, node) -> None:
             w.state_views[out] = StateView(sv.name, dims)
     else:
         w.derive(out, x)
+
+
+def _split_view(w: Walker, node, old, new, c: Chan) -> None:
+    """The view splits the channel dim into several dims (attention heads, channel shuffle groups).
+
+    Inside an attention module of the table in ``attention.py`` the head dim carries the
+    channels and a head is pruned whole. Elsewhere only a split that is merged back after
+    permutes alone (a channel shuffle: a permutation of the channels) is followed: the
+    innermost dim carries and the outer dims keep their size (``view(n, groups, C // groups)``),
+    and the rebuilt model is checked to split the same way (a ``ShapeCheck``). Any other
+    split keeps its channels fixed.
+    """
+    rule, head_dim = split_rule(w, node.module)
+    if rule == "groups" and not _merged_back(w, node.outputs[0], tuple(old)):
+        rule = "fixed"  # the split dims are used on their own (heads of unknown code): keep the width
+    split = None if rule == "fixed" else split_channel_through_view(old, new, c.dim, c.ids, head_dim)
+    if split is None:
+        w.fix(node.tensor_inputs()[0])
+        return
+    carrier, ids, (tie_a, tie_b) = split
+    w.elements.union(tie_a, tie_b)
+    w.set_chan(node.outputs[0], Chan(carrier, ids))
+    if rule == "groups":  # heads are followed in modules whose rebuild is known; other code is checked
+        w.shape_checks.append(ShapeCheck(node.index, 0, carrier, ids))
+
+
+_REORDERS = ("permute", "transpose", "clone", "contiguous", "expand")
+_MERGES = ("view", "_unsafe_view", "reshape", "flatten", "_reshape_alias")
+
+
+def _merged_back(w: Walker, v: int, shape: tuple) -> bool:
+    """``v`` only flows through permutes / copies into a view back to ``shape`` (a shuffle)."""
+    while True:
+        users = w.consumers(v)
+        if len(users) != 1:
+            return False
+        user = w.graph.nodes[users[0]]
+        kind = getattr(user.op, "_opname", "")
+        if kind in _MERGES:
+            return tuple(w.shape(user.outputs[0])) == shape
+        if kind not in _REORDERS or (kind == "expand" and w.shape(user.outputs[0]) != w.shape(v)):
+            return False
+        v = user.outputs[0]
 
 
 def _permuted(w: Walker, x: int, out: int, perm: list[int]) -> None:
@@ -79,6 +124,12 @@ def expand(w: Walker, node) -> None:
             w.fix(x)
         else:
             w.set_chan(out, Chan(c.dim + shift, c.ids))
+    elif split_rule(w, node.module)[0] == "heads":
+        broadcast = [d for d in range(shift, len(new)) if new[d] > 1 and old[d - shift] == 1]
+        if len(broadcast) == 1:
+            # in an attention module, a mask expanded to the heads: its entries are equal along that
+            # dim, so it follows the heads it meets (the module's rebuild expands to the new count)
+            w.set_chan(out, Chan(broadcast[0], w.elements.new(new[broadcast[0]])))
     sv = w.state_view(x)
     if sv is not None:
         dims = [None] * shift + [sv.dims[i] if old[i] == new[i + shift] else None for i in range(len(old))]
@@ -183,14 +234,38 @@ def select(w: Walker, node) -> None:
     _sliced_state(w, x, out, dim, False, False)
 
 
+def _equal_parts(w: Walker, node, x: int, dim: int, c: Chan) -> bool:
+    """Equal parts of the channel dim made by ``chunk(n)`` each keep their own channels.
+
+    Position j of every part is tied, so every part keeps the same positions and the
+    rebuilt model's ``chunk(n)`` cuts at the same place (also checked after the rebuild).
+    A ``split`` by a size (a constant in the code) or unequal parts return False.
+    """
+    if node.python_op != "chunk":  # split(size) in the code: the size is a constant
+        return False
+    outs = [o for o in node.outputs if o is not None]
+    sizes = {w.shape(o)[dim] for o in outs}
+    if len(outs) < 2 or len(outs) != len(node.outputs) or len(sizes) != 1 or sizes.pop() * len(outs) != len(c.ids):
+        return False
+    parts = c.ids.reshape(len(outs), -1)
+    w.elements.union(np.tile(parts[0], len(outs) - 1), parts[1:].ravel())
+    for pos, o in enumerate(outs):
+        w.set_chan(o, Chan(dim, np.ascontiguousarray(parts[pos])))
+        w.shape_checks.append(ShapeCheck(node.index, pos, dim, parts[pos]))
+        _sliced_state(w, x, o, dim, True, False)
+    return True
+
+
 @handles(*_ops("split", "split_with_sizes", "unbind", "chunk", "unsafe_split", "tensor_split"))
 def split(w: Walker, node) -> None:
-    """Splitting the channel dim keeps its channels (the code's split sizes are constants)."""
+    """Equal parts of the channel dim keep their channels; unequal ones (constant sizes) stay fixed."""
     x = node.tensor_inputs()[0]
     rank = len(w.shape(x))
     dim = bind(node).get("dim", 0) % rank
     c = w.chan(x)
     removes = node.op.overloadpacket is aten.unbind
+    if c is not None and c.dim == dim and not removes and _equal_parts(w, node, x, dim, c):
+        return
     if c is not None and c.dim == dim:
         w.fix(x)
         start = 0
@@ -281,7 +356,19 @@ def index(w: Walker, node) -> None:
                 w.set_chan(out, Chan(idx_rank + c.dim - len(indexed), c.ids))
             else:
                 w.fix(x)
-    w.derive(out, *node.tensor_inputs())
+    sv = w.state_view(x)
+    indexed = [i for i, t in enumerate(indices) if t is not None]
+    if (sv is not None and indexed and indexed[-1] - indexed[0] + 1 == len(indexed)
+            and all(w.chan(t.index) is None for t in indices if t is not None)):
+        # a lookup table (relative position bias): its other dims still follow the state
+        idx_rank = max(len(w.shape(t.index)) for t in indices if t is not None)
+        for i in indexed:  # the code's index values point at entries of these state dims: they stay
+            if sv.dims[i] is not None:
+                w.elements.fix(w.slot(sv.name, sv.dims[i]))
+        dims = sv.dims[:indexed[0]] + (None,) * idx_rank + sv.dims[indexed[-1] + 1:]
+        w.state_views[out] = StateView(sv.name, tuple(dims))
+    else:
+        w.derive(out, *node.tensor_inputs())
     _record_data(w, node, _io(node))
 
 

@@ -1,0 +1,195 @@
+"""Attribute fix-ups of attention modules whose heads were pruned.
+
+Keyed like ``morphnet.channels.handlers.attention.ATTENTION_MODULES`` (class names, so
+no framework is imported): the analysis follows head splits only in those classes, and
+after the rebuild narrowed their projections, each fix-up sets the head count the
+module's forward reads. The head width and the attention scale never change, so the
+rebuilt module computes the same function on the surviving heads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morphnet.channels.handlers.attention import ATTENTION_MODULES, attention_kind
+
+
+class SlimMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose heads span less than ``embed_dim``.
+
+    PyTorch's functional attention derives the head width from ``embed_dim`` (the
+    query's width), so a module with pruned heads (inner width ``num_heads * head_dim``
+    no longer ``embed_dim``, or a pruned input width) needs this forward: the same packed projections, the same
+    scale ``head_dim ** -0.5`` and masks, with ``num_heads`` heads. Supports packed
+    projections without ``bias_k`` / ``add_zero_attn`` (what the analysis prunes).
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, length, source = query.shape[0], query.shape[1], key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q).view(n, length, h, d).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(n, source, h, d).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(n, source, h, d).transpose(1, 2)
+        attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+        for mask, shape in ((attn_mask, (-1, h, length, source)), (key_padding_mask, (n, 1, 1, source))):
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    mask = attn.new_zeros(mask.shape).masked_fill(mask, float("-inf"))
+                attn = attn + (mask.reshape(shape) if mask.dim() > 2 or shape[0] == n else mask)
+        attn = F.dropout(attn.softmax(-1), self.dropout, self.training)
+        out = self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, h * d))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = attn.mean(1) if average_attn_weights else attn
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+def _mha(module: nn.Module, original: nn.Module) -> None:
+    if module.in_proj_weight.shape != original.in_proj_weight.shape:  # heads or the input width pruned
+        module.num_heads = module.in_proj_weight.shape[0] // 3 // original.head_dim
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+        module.__class__ = SlimMultiheadAttention
+
+
+def _timm_attention(module: nn.Module, original: nn.Module) -> None:
+    module.num_heads = module.qkv.weight.shape[0] // 3 // original.head_dim
+    if hasattr(module, "attn_dim"):
+        module.attn_dim = module.num_heads * original.head_dim
+
+
+def _timm_window_attention(module: nn.Module, original: nn.Module) -> None:
+    head_dim = original.qkv.out_features // 3 // original.num_heads
+    module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
+
+
+def _window_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's shifted window attention with ``num_heads`` heads of the original width.
+
+    torchvision's functional version derives the head width from the input's width, which
+    head pruning leaves unchanged; this one reads it from the projection (same scale)."""
+    n, height, width, c = x.shape
+    wh, ww = self.window_size
+    x = F.pad(x, (0, 0, 0, (-width) % ww, 0, (-height) % wh))
+    ph, pw = x.shape[1], x.shape[2]
+    shift = [0 if wh >= ph else self.shift_size[0], 0 if ww >= pw else self.shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    rows, cols, area = ph // wh, pw // ww, wh * ww
+    windows = x.view(n, rows, wh, cols, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n * rows * cols, area, c)
+    heads, d = self.num_heads, self.head_dim
+    q, k, v = self.qkv(windows).view(windows.shape[0], area, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
+    if sum(shift) > 0:
+        region = x.new_zeros((ph, pw))
+        label = 0
+        for hs in ((0, -wh), (-wh, -shift[0]), (-shift[0], None)):
+            for ws in ((0, -ww), (-ww, -shift[1]), (-shift[1], None)):
+                region[hs[0]:hs[1], ws[0]:ws[1]] = label
+                label += 1
+        region = region.view(rows, wh, cols, ww).permute(0, 2, 1, 3).reshape(rows * cols, area)
+        mask = (region.unsqueeze(1) - region.unsqueeze(2) != 0).to(attn.dtype) * -100.0
+        attn = attn.view(n, rows * cols, heads, area, area) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(n * rows * cols, heads, area, area)
+    attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
+    out = (attn @ v).transpose(1, 2).reshape(windows.shape[0], area, heads * d)
+    out = F.dropout(self.proj(out), self.dropout, self.training)
+    out = out.view(n, rows, cols, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n, ph, pw, c)
+    if sum(shift) > 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return out[:, :height, :width, :].contiguous()
+
+
+_SLIM_CLASSES: dict[type, type] = {}
+
+
+def _slim_class(klass: type, forward) -> type:
+    """A subclass of ``klass`` with ``forward`` (one per class, so rebuilt models share it)."""
+    if klass not in _SLIM_CLASSES:
+        _SLIM_CLASSES[klass] = type(f"Slim{klass.__name__}", (klass,), {"forward": forward,
+                                                                        "__module__": __name__})
+    return _SLIM_CLASSES[klass]
+
+
+def _torchvision_window_attention(module: nn.Module, original: nn.Module) -> None:
+    head_dim = original.qkv.out_features // 3 // original.num_heads
+    if module.qkv.weight.shape != original.qkv.weight.shape:  # heads or the input width pruned
+        module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
+        module.head_dim = head_dim
+        module.__class__ = _slim_class(type(original), _window_attention_forward)
+
+
+def _maxvit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision MaxViT's attention with ``n_heads`` heads (its own reshapes back to the input width)."""
+    b, g, p, _ = x.shape
+    h, d = self.n_heads, self.head_dim
+    q, k, v = self.to_qkv(x).view(b, g, p, 3, h, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    attn = F.softmax(q @ (k * self.scale_factor).transpose(-2, -1) + self.get_relative_positional_bias(), dim=-1)
+    return self.merge((attn @ v).permute(0, 1, 3, 2, 4).reshape(b, g, p, h * d))
+
+
+def _torchvision_maxvit_attention(module: nn.Module, original: nn.Module) -> None:
+    if module.to_qkv.weight.shape != original.to_qkv.weight.shape:  # heads or the input width pruned
+        module.n_heads = module.to_qkv.weight.shape[0] // 3 // original.head_dim
+        module.__class__ = _slim_class(type(original), _maxvit_attention_forward)
+
+
+# attention classes whose forward cannot run with zero heads (timm's window attention infers the
+# head width with -1): the rebuild keeps one head there
+NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",)
+
+
+FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
+    "torch.nn.modules.activation.MultiheadAttention": _mha,
+    "timm.layers.attention.Attention": _timm_attention,
+    "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _torchvision_window_attention,
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _torchvision_maxvit_attention,
+}
+assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
+
+
+def _torchvision_vit(module: nn.Module, original: nn.Module) -> None:
+    module.hidden_dim = module.conv_proj.weight.shape[0]  # read by its patch reshape
+
+
+# transformer models that store their residual width (pruned only with prune_normalized=True)
+WIDTH_FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
+    "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
+}
+
+
+def fix_attention(module: nn.Module, original: nn.Module) -> bool:
+    """Update the head count of a known attention module (or the width a known transformer
+    stores); False for other modules."""
+    kind = attention_kind(original)
+    if kind is not None:
+        FIXUPS[kind](module, original)
+        return True
+    for klass in type(original).__mro__:
+        key = f"{klass.__module__}.{klass.__qualname__}"
+        if key in WIDTH_FIXUPS:
+            WIDTH_FIXUPS[key](module, original)
+            return True
+    return False
