@@ -105,6 +105,9 @@ class ChannelAnalysis:
     data_ops: list[DataOp]
     module_out_ids: dict[str, np.ndarray]  # conv / linear / BN module -> output elements
     blacklisted_group: np.ndarray
+    value_chans: dict[int, Chan]  # value index -> its channel dim and element ids (see coverage.py)
+    zero_points: dict[str, list[int]]  # source state -> values that are zero where its entries are
+    biases: dict[str, str]  # conv / linear weight -> the bias added to its output channels
 
     @property
     def batch_size(self) -> int:
@@ -148,6 +151,8 @@ class Walker:
         self.gamma: dict[str, np.ndarray] = {}
         self.data_ops: list[DataOp] = []
         self.module_out: dict[str, np.ndarray] = {}
+        self.zero_points: dict[str, list[int]] = {}
+        self.biases: dict[str, str] = {}
         self.node: OpNode | None = None
         self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
@@ -246,6 +251,11 @@ class Walker:
         self.make_opaque(v)
         return False
 
+    def zero_point(self, state: str, out: int | None) -> None:
+        """``out`` is zero in the channels where the source ``state`` is (a BatchNorm's or a conv's output)."""
+        if out is not None:
+            self.zero_points.setdefault(state, []).append(out)
+
     def derive(self, out: int | None, *sources: int | None) -> None:
         """Mark ``out`` as computed from model state in a way that is not a plain view."""
         if out is None:
@@ -329,7 +339,7 @@ def analyze_channels(
         graph=graph, group_of=group_of, num_groups=num_groups, fixed_group=fixed,
         alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
-        blacklisted_group=blacklisted,
+        blacklisted_group=blacklisted, value_chans=w.chans, zero_points=w.zero_points, biases=w.biases,
     )
 
 

@@ -15,6 +15,7 @@ from morphnet.channels.handlers import (  # noqa: F401
     norms,
     reductions,
     shape_ops,
+    shuffle,
 )
 from morphnet.channels.handlers.elementwise import register_pointwise_tagged
 from morphnet.channels.handlers.registry import (
