@@ -310,7 +310,7 @@ def analyze_channels(
                         w.fix(v)
             continue
         handler = leaf_handler(node.op) if isinstance(node.op, LeafOp) else (
-            HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket))
+            HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket) or HANDLERS.get(str(node.op.overloadpacket)))
         if handler is None:
             handle_unknown(w, node)
         else:

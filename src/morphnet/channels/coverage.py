@@ -48,10 +48,13 @@ ZERO_LEAF_RULES: dict[type, Callable] = {}
 
 
 def zero_rule(*names: str) -> Callable:
-    """Register a zero-propagation rule for the aten overload packets ``names`` (missing ones skipped)."""
+    """Register a zero-propagation rule for the aten overload packets ``names`` (missing ones skipped);
+    ops of other namespaces by qualified name ("torchvision.roi_align")."""
     def register(fn):
         for n in names:
-            if hasattr(aten, n):
+            if "." in n:
+                ZERO_RULES[n] = fn
+            elif hasattr(aten, n):
                 ZERO_RULES[getattr(aten, n)] = fn
         return fn
     return register
@@ -115,7 +118,8 @@ class ZeroPass:
             if isinstance(node.op, LeafOp):
                 rule = next((ZERO_LEAF_RULES[k] for k in node.op.module_type.__mro__ if k in ZERO_LEAF_RULES), reader)
             else:
-                rule = ZERO_RULES.get(node.op) or ZERO_RULES.get(node.op.overloadpacket)
+                rule = (ZERO_RULES.get(node.op) or ZERO_RULES.get(node.op.overloadpacket)
+                        or ZERO_RULES.get(str(node.op.overloadpacket)))
                 if rule is None:
                     rule = other_per_channel if torch.Tag.pointwise in getattr(node.op, "tags", ()) else reader
             rule(self, node)
@@ -270,7 +274,7 @@ def _map_by_ids(zp: ZeroPass, x: int, out: int | None) -> None:
            "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d", "_upsample_nearest_exact2d",
            "_upsample_bilinear2d_aa", "fractional_max_pool2d", "lp_pool2d", "reflection_pad1d", "reflection_pad2d",
            "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d", "pixel_unshuffle",
-           "channel_shuffle", "native_channel_shuffle")
+           "channel_shuffle", "native_channel_shuffle", "torchvision.roi_align", "torchvision.roi_pool")
 def moves_entries(zp: ZeroPass, node) -> None:
     """Views, slicing, pooling, resizing, sums over other dims: each output entry is made of entries
     of the first input with the same channel, so it is zero where they all are (a max / mean of zeros is

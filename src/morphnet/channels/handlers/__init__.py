@@ -14,6 +14,7 @@ from morphnet.channels.handlers import (  # noqa: F401
     layers,
     norms,
     reductions,
+    selection,
     shape_ops,
     shuffle,
 )
