@@ -102,6 +102,7 @@ def test_zoo_costs_match_flop_counter(quick):
     result, _ = quick("zoo_costs.py")
     assert [row["model"] for row in result["rows"]] == ["resnet18", "mobilenet_v2"]
     assert all(row["exact"] for row in result["rows"])
+    assert all(row["rebuild_exact"] and row["killed_groups"] > 0 for row in result["rows"])
 
 
 def test_every_benchmark_script_is_covered():
