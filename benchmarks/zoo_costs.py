@@ -53,10 +53,12 @@ def build(name: str) -> torch.nn.Module:
     if name.startswith("timm:"):
         import timm
 
-        return timm.create_model(name[len("timm:"):], pretrained=False, num_classes=10)
-    model = torchvision.models.get_model(name, **kwargs)
-    if name.startswith("vit"):  # torchvision zero-initializes the head: every output would be 0
-        torch.nn.init.normal_(model.heads.head.weight)
+        model = timm.create_model(name[len("timm:"):], pretrained=False, num_classes=10)
+    else:
+        model = torchvision.models.get_model(name, **kwargs)
+    for m in model.modules():  # zero-initialized heads (ViT, MLP-Mixer, CoaT): every output would be 0
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
     return model
 
 
