@@ -104,3 +104,50 @@ def weight_count(model: nn.Module) -> int:
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             total += module.in_proj_weight.numel()
     return total
+
+
+def kill_groups(model: nn.Module, reg, dead, seed: int = 0) -> None:
+    """Make the channel groups ``dead`` (bool per group) exactly dead for ``reg``'s source, in place.
+
+    Gamma: every BatchNorm gets random statistics and scales, then gamma and beta of dead
+    channels are zero. GroupLasso: the weight rows and biases of dead output channels are
+    zero. Gates (LogisticSigmoid): the logits of dead channels are -5, the others +5, so
+    the eval-mode masks are exactly 0 and 1.
+    """
+    import numpy as np
+
+    a = reg.analysis
+    gen = torch.Generator().manual_seed(seed)
+    source = type(reg.source).__name__
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+
+    def rows(name, dim):
+        ids = a.alignments[(name, dim)]
+        return torch.as_tensor(np.asarray(dead[a.group_of[ids]]))
+
+    with torch.no_grad():
+        if source == "GammaSource":
+            for name in a.gamma_sources:
+                bn = model.get_submodule(name.rpartition(".")[0])
+                bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) + 0.5)
+                if bn.bias is not None:
+                    bn.bias.copy_(torch.randn(bn.bias.shape, generator=gen) * 0.1)
+                if getattr(bn, "running_mean", None) is not None:
+                    bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen) * 0.1)
+                    bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
+                kill = rows(name, 0)
+                bn.weight[kill] = 0
+                if bn.bias is not None:
+                    bn.bias[kill] = 0
+        elif source == "GroupLassoSource":
+            for name, info in a.weights.items():
+                if (name, info.out_dim) not in a.alignments or name in a.opaque_states:
+                    continue
+                state[name].movedim(info.out_dim, 0)[rows(name, info.out_dim)] = 0
+                bias = a.biases.get(name)
+                if bias is not None and (bias, 0) in a.alignments:
+                    state[bias][rows(bias, 0)] = 0
+        else:
+            for gate in reg.source.names:
+                logits = f"{gate}.logits" if gate else "logits"
+                state[logits].copy_(torch.where(rows(logits, 0), -5.0, 5.0))

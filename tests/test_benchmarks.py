@@ -215,6 +215,7 @@ def test_zoo_costs_match_flop_counter(quick):
     result, _ = quick("zoo_costs.py")
     assert [row["model"] for row in result["rows"]] == ["resnet18", "mobilenet_v2"]
     assert all(row["exact"] for row in result["rows"])
+    assert all(row["rebuild_exact"] and row["killed_groups"] > 0 for row in result["rows"])
 
 
 def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):

@@ -188,13 +188,22 @@ class Normalized(nn.Module):
 
 
 def test_group_norm_prunes_whole_groups():
-    net = Normalized(nn.GroupNorm(4, 8))
+    net = Normalized(nn.GroupNorm(4, 8, affine=False))  # a group of zeros normalizes to zeros
     with torch.no_grad():
         net.conv.weight[0:2] = 0  # the whole first GroupNorm group
         net.conv.weight[4] = 0  # half of the third group: the group stays
         net.conv.bias.zero_()
     reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(1, 3, 4, 4), threshold=1e-6)
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"conv": 6}
+
+
+def test_group_lasso_does_not_prune_through_a_norm_with_a_bias():
+    """GroupNorm(0) = beta: zero conv rows leave a constant the head reads, so the channels are not dead."""
+    net = Normalized(nn.GroupNorm(4, 8))
+    with pytest.warns(UserWarning, match="Nothing is left to regularize"):
+        reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(1, 3, 4, 4), threshold=1e-6)
+    assert reg.grouping.uncovered.sum() == 4 and not reg.grouping.regularized.any()
+    assert reg.coverage_summary()["uncovered_layers"] == ["conv"]
 
 
 def test_layer_norm_across_channels_keeps_them_fixed():
@@ -233,7 +242,7 @@ def test_flip_maps_channels_exactly_and_chunk_ties_its_parts():
 
 class Weird(nn.Module):
     def forward(self, x):
-        return torch.sort(x, dim=-1).values
+        return torch.logcumsumexp(x, dim=-1)
 
 
 class WithWeird(nn.Module):
@@ -251,7 +260,7 @@ class WithWeird(nn.Module):
 
 
 def test_unknown_op_fails_fast_naming_op_and_module():
-    with pytest.raises(morphnet.UnsupportedGraphError, match=r"aten\.sort.*'weird' \(Weird\).*input_boundary"):
+    with pytest.raises(morphnet.UnsupportedGraphError, match=r"aten\.logcumsumexp.*'weird' \(Weird\).*input_boundary"):
         morphnet.GammaFlopsRegularizer(WithWeird(), torch.randn(1, 3, 4, 4), gamma_threshold=0.1)
 
 
@@ -351,11 +360,16 @@ def test_conv_variants_match_flop_counter():
 
 
 def test_instance_norm_passes_channels_through():
-    net = Normalized(nn.InstanceNorm2d(8, affine=True))
+    net = Normalized(nn.InstanceNorm2d(8, affine=False))
     x = torch.randn(2, 3, 4, 4)
     reg = morphnet.GroupLassoFlopsRegularizer(net, x, threshold=0.0)
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"conv": 8}
-    assert ("norm.weight", 0) in reg.analysis.alignments
+    assert reg.get_cost().item() == counted_flops(net, x)
+    net = Normalized(nn.InstanceNorm2d(8, affine=True))  # its bias is a constant where the conv is zero
+    with pytest.warns(UserWarning, match="Nothing is left to regularize"):
+        reg = morphnet.GroupLassoFlopsRegularizer(net, x, threshold=0.0)
+    a = reg.analysis
+    assert ("norm.weight", 0) in a.alignments and not a.fixed_group[a.group_of[a.module_out_ids["conv"]]].any()
     assert reg.get_cost().item() == counted_flops(net, x)
 
 

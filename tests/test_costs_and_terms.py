@@ -82,6 +82,7 @@ def test_gamma_term_gradient_reaches_exactly_the_batchnorm_scales():
 
 def test_group_lasso_gradient_reaches_exactly_the_prunable_weights():
     net = ResidualNet()
+    net.bn0, net.bn1 = nn.Identity(), nn.Identity()  # zero conv rows stay zero only without BatchNorm after them
     reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(1, 3, 8, 8), threshold=1e-3)
     reg.get_regularization_term().backward()
     grads = {n: p.grad is not None and p.grad.abs().sum().item() > 0 for n, p in net.named_parameters()}
@@ -91,7 +92,14 @@ def test_group_lasso_gradient_reaches_exactly_the_prunable_weights():
     g0, g1 = (net.conv0.weight.grad.flatten(1).abs().sum(1) > 0), (net.conv1.weight.grad.flatten(1).abs().sum(1) > 0)
     assert torch.equal(g0, n0 > n1) and torch.equal(g1, n1 > n0)
     assert not grads["head.weight"]  # its outputs are the model's outputs: fixed, no source
-    assert not any(grads[n] for n in grads if n.startswith("bn"))
+
+
+def test_group_lasso_does_not_regularize_channels_read_through_a_batchnorm():
+    """BatchNorm(0) = beta - gamma * mean / std: zero conv rows do not make its output zero."""
+    with pytest.warns(UserWarning, match="Nothing is left to regularize"):
+        reg = morphnet.GroupLassoFlopsRegularizer(ResidualNet(), torch.randn(1, 3, 8, 8), threshold=1e-3)
+    assert reg.coverage_summary()["uncovered_layers"] == ["conv0", "conv1"]
+    assert reg.get_regularization_term().item() == 0 and morphnet.StructureExporter(reg).get_alive_counts() == {}
 
 
 def test_term_is_a_scalar_in_the_sources_dtype_under_autocast():

@@ -121,3 +121,32 @@ def test_pruned_models_with_auxiliary_heads_run_a_training_step(name, size):
                for p in slim.get_submodule(h).parameters())
     opt.step()
     assert slim.eval()(x).shape == (1, 10)
+
+
+def test_maxvit_mbconv_raw_shortcut_is_not_pruned_by_its_pre_norm():
+    """MBConv reads its input raw (projection shortcut) and through pre_norm (a BatchNorm): a zero
+    pre_norm scale is no evidence for the shortcut. Kill a quarter of every BatchNorm's channels, the
+    stem's included: the rebuild must still compute the same function (it was 7.5% off before)."""
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(64, 64), stem_channels=16, partition_size=2, block_channels=[16, 32],
+                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    reg = regularizer(model, x, "gamma")
+    assert reg.coverage_summary()["uncovered_layers"] == ["stem.1.0"]  # its raw output feeds the shortcut
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                kill = torch.rand(m.weight.shape, generator=gen) < 0.25
+                m.weight[kill], m.bias[kill] = 0.0, 0.0
+    slim = morphnet.apply_structure(model, reg, x, keep_weights=True)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    assert slim.stem[1][0].out_channels == 16  # the uncovered stem output keeps its width
+    with torch.no_grad():
+        want, got = model(x), slim.eval()(x)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    assert counted_flops(slim, x) == reg.get_cost().item()

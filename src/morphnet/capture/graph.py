@@ -346,14 +346,24 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def _state_restored(model: nn.Module):
-    """Put back every parameter and buffer object if a functional call is interrupted."""
+    """Put back every parameter and buffer object if a functional call is interrupted, and plain tensor
+    attributes a forward reassigns (torchvision's AnchorGenerator caches ``cell_anchors`` moved to the
+    input's device: the meta run must not leave meta tensors there)."""
     saved = [(m, "_parameters", dict(m._parameters)) for m in model.modules()]
     saved += [(m, "_buffers", dict(m._buffers)) for m in model.modules()]
+    attributes = [(m, {k: v for k, v in vars(m).items() if _holds_tensors(v)}) for m in model.modules()]
     try:
         yield
     finally:
         for module, attr, entries in saved:
             getattr(module, attr).update(entries)
+        for module, entries in attributes:
+            vars(module).update(entries)
+
+
+def _holds_tensors(value) -> bool:
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value))
 
 
 def _record(model: nn.Module, inputs: tuple, state: dict | None, info: dict, leaf_types: tuple) -> Graph:

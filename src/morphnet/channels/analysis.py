@@ -129,6 +129,9 @@ class ChannelAnalysis:
     data_ops: list[DataOp]
     module_out_ids: dict[str, np.ndarray]  # conv / linear / BN module -> output elements
     blacklisted_group: np.ndarray
+    value_chans: dict[int, Chan]  # value index -> its channel dim and element ids (see coverage.py)
+    zero_points: dict[str, list[int]]  # source state -> values that are zero where its entries are
+    biases: dict[str, str]  # conv / linear weight -> the bias added to its output channels
     products: list[ProductCall] = field(default_factory=list)
     shape_checks: list[ShapeCheck] = field(default_factory=list)
     normalized: list[np.ndarray] = field(default_factory=list)  # channels prunable only by prune_normalized
@@ -180,6 +183,8 @@ class Walker:
         self.modules: dict[str, nn.Module] = {}  # the model's modules by name, when the model is known
         self.prune_normalized = False  # LayerNorm'd channels prunable (not function-preserving)
         self.normalized: list[np.ndarray] = []
+        self.zero_points: dict[str, list[int]] = {}
+        self.biases: dict[str, str] = {}
         self.node: OpNode | None = None
         self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
@@ -278,6 +283,11 @@ class Walker:
         self.make_opaque(v)
         return False
 
+    def zero_point(self, state: str, out: int | None) -> None:
+        """``out`` is zero in the channels where the source ``state`` is (a BatchNorm's or a conv's output)."""
+        if out is not None:
+            self.zero_points.setdefault(state, []).append(out)
+
     def derive(self, out: int | None, *sources: int | None) -> None:
         """Mark ``out`` as computed from model state in a way that is not a plain view."""
         if out is None:
@@ -339,7 +349,7 @@ def analyze_channels(
                         w.fix(v)
             continue
         handler = leaf_handler(node.op) if isinstance(node.op, LeafOp) else (
-            HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket))
+            HANDLERS.get(node.op) or HANDLERS.get(node.op.overloadpacket) or HANDLERS.get(str(node.op.overloadpacket)))
         if handler is None:
             handle_unknown(w, node)
         else:
@@ -369,7 +379,7 @@ def analyze_channels(
         alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
         blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
-        normalized=w.normalized,
+        normalized=w.normalized, value_chans=w.chans, zero_points=w.zero_points, biases=w.biases,
     )
 
 

@@ -28,19 +28,25 @@ def compute_cost(model: nn.Module, example_inputs, resource: str = "flops", hard
 def cost_table(model: nn.Module, example_inputs, hardware="V100", batch_size: int = 1) -> list[dict]:
     """One row per conv / linear module: FLOPs, weights, roofline latency (ns), output channels.
 
-    ``prunable`` says whether the layer's output width can change. A last row, named
-    ``(other ops)``, holds the latency of the memory-bound ops (BatchNorm, activations,
-    element-wise, pooling, concat) that belong to no conv / linear layer.
+    ``prunable`` says whether the layer's output width can change. ``gamma`` says whether a
+    BatchNorm scale can prune it: ``"yes"``, ``"uncovered"`` (a BatchNorm reaches its channels
+    but some reader sees them raw, so a small scale is no evidence of death) or ``"no"``. A
+    last row, named ``(other ops)``, holds the latency of the memory-bound ops (BatchNorm,
+    activations, element-wise, pooling, concat) that belong to no conv / linear layer.
     """
     analysis = analyze_model(model, example_inputs)
     hw = get_hardware(hardware)
+    gamma = _gamma_coverage(model, analysis)
     rows: dict[str, dict] = {}
     for info in analysis.weights.values():
-        fixed = analysis.fixed_group[analysis.group_of[info.out_ids]].all()
+        groups = analysis.group_of[info.out_ids]
+        fixed = analysis.fixed_group[groups].all()
         n_in, n_out = len(info.in_ids), len(info.out_ids)
         size = info.kernel * n_out if info.depthwise else info.kernel * n_in * n_out // info.groups
         rows[info.module] = {"name": info.module, "flops": 0.0, "size": int(size), "latency_ns": 0.0,
-                             "channels": n_out, "prunable": not bool(fixed)}
+                             "channels": n_out, "prunable": not bool(fixed),
+                             "gamma": "yes" if gamma[0][groups].any() else "uncovered" if gamma[1][groups].any()
+                             else "no"}
     for call in analysis.layer_calls:
         if analysis.graph.training_only(analysis.graph.nodes[call.node].module) or call.module not in rows:
             continue
@@ -55,5 +61,17 @@ def cost_table(model: nn.Module, example_inputs, hardware="V100", batch_size: in
     table = sorted(rows.values(), key=lambda r: list(rows).index(r["name"]))
     other = total_latency - sum(r["latency_ns"] for r in table)
     table.append({"name": "(other ops)", "flops": 0.0, "size": 0, "latency_ns": float(np.maximum(other, 0.0)),
-                  "channels": 0, "prunable": False})
+                  "channels": 0, "prunable": False, "gamma": "no"})
     return table
+
+
+def _gamma_coverage(model: nn.Module, analysis) -> tuple[np.ndarray, np.ndarray]:
+    """(regularized, uncovered) per group for BatchNorm-scale sources (see ``channels/coverage.py``)."""
+    from morphnet.sources import GammaSource, SourceGrouping
+
+    none = np.zeros(analysis.num_groups, dtype=bool)
+    try:
+        grouping = SourceGrouping(analysis, GammaSource(model, analysis, 0.0))
+    except ValueError:  # gated models: gates and BatchNorm scales do not mix
+        return none, none
+    return grouping.regularized, grouping.uncovered

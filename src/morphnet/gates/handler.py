@@ -3,13 +3,15 @@
 A gate call is recorded as one leaf node (its sampling ops are not recorded). Its logits
 (and the noise buffer that goes with them) are aligned with the channels it gates, so
 rebuilding slices them with the layer, and ``morphnet.sources.probabilistic_gates`` finds
-the gate through that alignment. The gate moves no data at inference once folded into the
+the gate through that alignment. A closed gate is evidence of death for what it outputs
+only: the gated tensor may also be read elsewhere (see ``channels/coverage.py``). The gate moves no data at inference once folded into the
 layer before it, so it adds nothing to memory or latency costs.
 """
 
 from __future__ import annotations
 
 from morphnet.channels.analysis import Chan, Walker
+from morphnet.channels.coverage import keeps_zero, zero_rule_module
 from morphnet.channels.handlers import handles_module
 from morphnet.gates.gate import LogisticSigmoidGate
 
@@ -27,3 +29,7 @@ def logistic_sigmoid_gate(w: Walker, node) -> None:
             w.align(prefix + state, 0, ids)
     w.module_out.setdefault(module, ids)
     w.set_chan(node.outputs[0], Chan(dim, ids))
+    w.zero_point(prefix + "logits", node.outputs[0])  # a closed gate zeroes what it outputs
+
+
+zero_rule_module(LogisticSigmoidGate)(keeps_zero)  # x * mask: zero in, zero out

@@ -41,6 +41,7 @@ class LogisticSigmoidSource(Source):
         self.names = sorted(n for n in found if isinstance(model.get_submodule(n), LogisticSigmoidGate))
         self.gates: list[LogisticSigmoidGate] = [model.get_submodule(n) for n in self.names]
         self.elements = np.concatenate([found[n] for n in self.names]) if self.names else np.zeros(0, np.int64)
+        self.zero_values = [v for n in self.names for v in analysis.zero_points.get(f"{n}.logits" if n else "logits", [])]
 
         def per_entry(flag) -> np.ndarray:
             return np.concatenate([np.full(g.num_channels, flag(g), bool) for g in self.gates]) if self.gates \

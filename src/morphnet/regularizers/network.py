@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -61,7 +62,10 @@ class NetworkRegularizer:
         self.source = self._make_source(model)
         self.grouping = SourceGrouping(self.analysis, self.source)
         if not self.grouping.regularized.any():
-            raise ValueError(self._no_source_message())
+            if not self.grouping.uncovered.any():
+                raise ValueError(self._no_source_message())
+            warnings.warn(f"{type(self).__name__}: {self._uncovered_message()} Nothing is left to regularize: "
+                          f"the term is 0 and every channel stays alive.", stacklevel=2)
         self.program = build_cost_program(self.analysis, resource, hardware=self.hardware, batch_size=batch_size)
         self.evaluator = CostEvaluator(self.program, self.analysis.group_of, self.analysis.num_groups)
         self.decorator = regularizer_decorator
@@ -77,6 +81,32 @@ class NetworkRegularizer:
     def _no_source_message(self) -> str:
         return (f"{type(self).__name__}: no {self.source.description} reaches a prunable channel group of "
                 f"{type(self.model).__name__}, so there is nothing to regularize.")
+
+    def _uncovered_message(self) -> str:
+        layers = self.coverage_summary()["uncovered_layers"]
+        return (f"{int(self.grouping.uncovered.sum())} channel groups reached by the {self.source.description} "
+                f"are also read where it does not zero them (for example "
+                f"{', '.join(repr(n) for n in layers[:3]) or 'a raw shortcut'}), so a small value would not make "
+                f"them dead; they stay alive and carry no penalty.")
+
+    def coverage_summary(self) -> dict:
+        """How many channel groups the source regularizes, and which layers it cannot prune.
+
+        ``uncovered``: groups the source reaches but some reader sees around it (a raw
+        shortcut next to a BatchNorm, a BatchNorm after a group-lasso conv); they stay alive.
+        """
+        g = self.grouping
+        uncovered = [name for name, groups in self._layer_groups() if g.uncovered[groups].any()]
+        return {"groups": int(self.analysis.num_groups), "regularized": int(g.regularized.sum()),
+                "uncovered": int(g.uncovered.sum()), "fixed": int(self.analysis.fixed_group.sum()),
+                "uncovered_layers": uncovered}
+
+    def _layer_groups(self) -> list[tuple[str, np.ndarray]]:
+        rows: dict[str, np.ndarray] = {}
+        for name in sorted(self.analysis.weights):
+            info = self.analysis.weights[name]
+            rows.setdefault(info.module, self.analysis.group_of[info.out_ids])
+        return sorted(rows.items())
 
     # ---- public API -----------------------------------------------------------------------------
     @property

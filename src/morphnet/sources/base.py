@@ -1,5 +1,9 @@
 """What every source provides, and how per-channel vectors become per-group vectors.
 
+A source is evidence of death only for the values it zeroes: a group some reader sees
+through another path (a raw shortcut around the BatchNorm) is not regularized by it
+("uncovered": alive, no penalty; see ``channels/coverage.py``).
+
 Entries of one group combine by the source's ``combine`` mode: ``'amax'`` (element-wise
 max; BatchNorm gammas, group lasso) or ``'prob'`` (probabilistic gates: the probability
 that at least one entry is on, 1 - prod(1 - p)). Alive is the OR in both. A module class
@@ -16,16 +20,21 @@ import torch
 from torch import nn
 
 from morphnet.channels.analysis import ChannelAnalysis
+from morphnet.channels.coverage import covered_groups
 
 
 class Source:
     """A kind of per-channel penalty: values (>= 0) and alive flags for a list of elements.
 
-    Subclasses set ``elements`` (np.int64 element ids, one per entry of ``values()``)
-    and implement ``values()`` and ``alive(values)``.
+    Subclasses set ``elements`` (np.int64 element ids, one per entry of ``values()``) and
+    ``zero_values`` (the graph values its dead entries make zero: a BatchNorm's output, a
+    conv's output, a gate's output), and implement ``values()`` and ``alive(values)``.
+    A group is regularized by the source only where those zeros reach every reader of the
+    group (``covered_groups``); elsewhere a dead source would not make the channel dead.
     """
 
     elements: np.ndarray
+    zero_values: list[int] = []  # graph values that are zero where the entries are (see channels/coverage.py)
     description: str = "source"
     combine: str = "amax"  # how entries of one group combine: 'amax' (max / OR) or 'prob' (1 - prod(1 - p) / OR)
 
@@ -63,10 +72,13 @@ class SourceGrouping:
         group = analysis.group_of[source.elements] if len(source.elements) else np.zeros(0, np.int64)
         has_source = np.zeros(analysis.num_groups, dtype=bool)
         has_source[group] = True
-        regularized = has_source & ~analysis.fixed_group & ~analysis.blacklisted_group
+        candidates = has_source & ~analysis.fixed_group & ~analysis.blacklisted_group
+        covered = covered_groups(analysis, source.zero_values) if candidates.any() else candidates
+        regularized = candidates & covered
         if source.combine == "amax":
             _check_no_gates(analysis, source, regularized)
         self.regularized = regularized
+        self.uncovered = candidates & ~covered  # reached by the source, but read where it does not zero them
         self._np = {"group": group.astype(np.int64), "regularized": regularized}
         self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 

@@ -5,7 +5,13 @@ one output channel; alive = norm > threshold, or with ``relative=True`` norm > t
 layer's scale (the root mean square of its channel norms when the source is built), which no
 channel of a freshly initialized layer is below, whatever the initialization's scale (a fixed
 1e-2 marked half of mobilenet_v3_small's classifier, initialized with std 0.01, dead before
-training). The ``morphnet`` pipeline's default is relative, 0.1. Weights are bucketed by row length (input
+training). The ``morphnet`` pipeline's default is relative, 0.1. A channel whose bias is above
+the same limit is alive too: rows of zeros still output their bias, a constant the next layer
+reads, so such a channel is not dead (the bias is not penalized: give prunable layers
+``bias=False`` or let weight decay shrink it). Zero rows are evidence only for the layer's own
+output: a conv followed by a BatchNorm outputs ``beta - gamma * mean / std`` there, so groups
+read through a BatchNorm are not regularized by group lasso (use a Gamma regularizer on such
+networks). Weights are bucketed by row length (input
 channels x kernel area); each bucket costs one ``cat`` and a few element-wise ops, so the
 op count grows with the number of distinct row shapes, not with depth (ResNet-18 and
 ResNet-152 have the same buckets; DenseNet's growing inputs make more).
@@ -43,11 +49,22 @@ class GroupLassoSource(Source):
             buckets.setdefault(row_len, []).append((name, info))
         self.buckets = []
         elements = []
+        self.zero_values = []
+        self._biases = []  # per entry, in the order of values(): (module, attribute) of the bias, or row count
         for row_len in sorted(buckets):
             # one row per entry of the weight's output dim (per group for transposed grouped convs)
             rows = [(n, i.out_dim, analysis.alignments[(n, i.out_dim)]) for n, i in buckets[row_len]]
             self.buckets.append((row_len, [(_param(model, n), d, len(ids)) for n, d, ids in rows]))
             elements.extend(ids for _, _, ids in rows)
+            for n, _, ids in rows:
+                bias = analysis.biases.get(n)
+                shape = analysis.graph.state_shapes.get(bias)
+                if bias is not None and (len(shape) != 1 or shape[0] % len(ids)):
+                    self._biases.append(len(ids))  # a bias that does not follow the rows: never zero evidence
+                    continue
+                self.zero_values.extend(analysis.zero_points.get(n, []))
+                # a transposed grouped conv's row j makes output channel j of every group: g biases
+                self._biases.append((*_param(model, bias), len(ids)) if bias is not None else len(ids))
         self.elements = np.concatenate(elements) if elements else np.zeros(0, np.int64)
         self.limits: torch.Tensor | float = self.threshold
         if relative and elements:
@@ -56,6 +73,7 @@ class GroupLassoSource(Source):
             sizes = [n for _, entries in self.buckets for _, _, n in entries]
             scales = [part.square().mean().sqrt() for part in torch.split(norms, sizes)]
             self.limits = torch.cat([self.threshold * scale.expand(n) for scale, n in zip(scales, sizes)])
+        self._zeros: dict = {}
 
     def values(self) -> torch.Tensor:
         norms = []
@@ -71,8 +89,27 @@ class GroupLassoSource(Source):
             norms.append(norm)
         return torch.cat(norms)
 
+    def bias_magnitudes(self, like: torch.Tensor) -> torch.Tensor:
+        """|bias| of every entry's output channel (0 for layers without a bias), one ``cat``."""
+        parts = []
+        for b in self._biases:
+            if isinstance(b, int):
+                key = (b, like.device, like.dtype)
+                if key not in self._zeros:
+                    self._zeros[key] = torch.zeros(b, device=like.device, dtype=like.dtype)
+                parts.append(self._zeros[key])
+            else:
+                module, attr, rows = b
+                bias = getattr(module, attr).detach().to(like.dtype)
+                parts.append(bias if len(bias) == rows else bias.abs().reshape(-1, rows).amax(0))
+        return torch.cat(parts).abs()
+
     def alive(self, values: torch.Tensor) -> torch.Tensor:
+        """Weights above the limit, or a bias above it: zero weights with a bias still output a constant."""
         limits = self.limits
         if isinstance(limits, torch.Tensor) and limits.device != values.device:
             limits = self.limits = limits.to(values.device)
-        return values > limits
+        alive = values > limits
+        if any(not isinstance(b, int) for b in self._biases):
+            alive = alive | (self.bias_magnitudes(values) > limits)
+        return alive

@@ -53,7 +53,32 @@ def apply_structure(model: nn.Module, structure, example_inputs, *, keep_weights
     """
     s = resolve(model, structure, example_inputs)
     copies = keep_nonempty(s, s.copies)
+    if keep_weights and s.regularizer is not None:
+        _warn_dropped_shifts(model, s, copies)
     return _build(model, s, copies, example_inputs, keep_weights=keep_weights, init_fn=init_fn)
+
+
+def _warn_dropped_shifts(model: nn.Module, s: Structure, copies: np.ndarray) -> None:
+    """A BatchNorm channel with gamma ~ 0 outputs its shift beta, a constant: removing the channel removes
+    that constant too. MorphNet's convention (dead means zero) makes that the intended structure, but the
+    slim model then computes exactly the original only where the dropped betas are zero."""
+    a = s.analysis
+    state = dict(model.named_parameters())
+    dropped, where = 0, []
+    for name, ids in a.gamma_sources.items():
+        beta = state.get(name.rpartition(".")[0] + ".bias")
+        if beta is None or beta.shape != (len(ids),):
+            continue
+        gone = torch.as_tensor(copies[a.group_of[ids]] == 0, device=beta.device)
+        n = int((beta.detach()[gone] != 0).sum())
+        if n:
+            dropped += n
+            where.append(name.rpartition(".")[0])
+    if dropped:
+        warnings.warn(f"apply_structure(keep_weights=True): {dropped} pruned BatchNorm channels (in "
+                      f"{', '.join(repr(w) for w in where[:3])}{', ...' if len(where) > 3 else ''}) have a non-zero "
+                      f"shift (beta); each outputs that constant in the original model, which the slim model drops, "
+                      f"so outputs match only where a later op zeroes it (a ReLU after beta < 0)", stacklevel=2)
 
 
 def _build(model: nn.Module, s: Structure, copies: np.ndarray, example_inputs, *, keep_weights: bool = False,

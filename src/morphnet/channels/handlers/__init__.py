@@ -14,7 +14,9 @@ from morphnet.channels.handlers import (  # noqa: F401
     layers,
     norms,
     reductions,
+    selection,
     shape_ops,
+    shuffle,
 )
 from morphnet.channels.handlers.elementwise import register_pointwise_tagged
 from morphnet.channels.handlers.registry import (

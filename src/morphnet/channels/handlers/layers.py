@@ -81,7 +81,11 @@ def convolution(w: Walker, node) -> None:
         if weight_name not in w.weights:
             w.weights[weight_name] = WeightInfo(owner, weight_name, out_dim, out_ids, in_ids, kernel, g, depthwise)
         w.module_out.setdefault(owner, out_ids)
-    w.align_value(bias, out_ids)
+    bias_aligned = w.align_value(bias, out_ids)
+    if weight_name and (bias is None or bias_aligned):  # zero rows (and bias) give zero output channels
+        w.zero_point(weight_name, out)
+        if bias is not None:
+            w.biases[weight_name] = w.state_view(bias).name
     w.set_chan(out, Chan(1, out_ids))
     spatial_shape = (w.shape(x) if transposed else w.shape(out))[2:]
     area = float(np.prod(spatial_shape, dtype=np.float64))
@@ -118,14 +122,20 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
     else:
         w.elements.fix(slot_in)
         out_chan = Chan(out_dim, slot_out)
+    bias_name = None
     if bias is not None:
         bsv = w.state_view(bias)
         bshape = w.shape(bias)
         if bsv is not None and bshape and bshape[-1] == len(slot_out) and bsv.dims[-1] is not None:
             w.align(bsv.name, bsv.dims[-1], slot_out)
+            bias_name = bsv.name
         elif bshape and bshape[-1] != 1:
             w.elements.fix(slot_out)
             w.make_opaque(bias)
+    if out_chan.ids is slot_out and (bias is None or bias_name is not None):
+        w.zero_point(sv.name, out)  # zero rows (and bias) give zero output features
+        if bias_name is not None:
+            w.biases[sv.name] = bias_name
     w.set_chan(out, out_chan)
     owner = _owner(sv.name)
     if sv.name not in w.weights:

@@ -35,6 +35,9 @@ def batch_norm(w: Walker, node) -> None:
                 w.gamma[name] = ids
             w.module_out.setdefault(_owner(name), ids)
     outs = [o for o in node.outputs if o is not None]
+    weight = w.state_view(vid(b.get("weight")))
+    if weight is not None:  # gamma (and beta) zero: this output is zero, not its input
+        w.zero_point(weight.name, outs[0])
     w.set_chan(outs[0], Chan(w.chan(x).dim, ids))
     for o in outs[1:]:
         if w.shape(o) == (len(ids),):
