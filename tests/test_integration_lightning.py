@@ -23,13 +23,7 @@ from morphnet.integrations.lightning import MorphNet  # noqa: E402
 SRC = str(Path(morphnet.__file__).resolve().parents[1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: one thread avoids spin-waiting between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Classifier(L.LightningModule):

@@ -19,13 +19,7 @@ import morphnet  # noqa: E402
 from morphnet.integrations.transformers import MorphNetCallback  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: one thread avoids spin-waiting between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tokens(Dataset):

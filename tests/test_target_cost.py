@@ -15,13 +15,7 @@ import morphnet
 from morphnet.control import Candidate, StrengthController, select_candidate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: one thread avoids spin-waiting between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ScriptedRegularizer:

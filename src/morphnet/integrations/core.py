@@ -74,6 +74,27 @@ def first_example(inputs: Any) -> Any:
     return inputs
 
 
+class RunAccess:
+    """What both callbacks expose of their :class:`MorphNetRun` (held as ``self.run``)."""
+
+    run: "MorphNetRun"
+
+    @property
+    def regularizer(self):
+        """The network regularizer, once training has begun (None before)."""
+        return self.run.reg
+
+    @property
+    def target_cost(self):
+        """The :class:`morphnet.TargetCost` controller in target-cost mode (else None)."""
+        return self.run.controller
+
+    @property
+    def structure_file(self) -> Path | None:
+        """The structure file kept at the end of training (None before)."""
+        return self.run.structure_file
+
+
 class MorphNetRun:
     """The framework-free half of the integrations (see the module docs).
 

@@ -22,10 +22,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from morphnet.integrations.core import MorphNetRun
+from morphnet.integrations.core import MorphNetRun, RunAccess
 
 
-class MorphNet(pl.Callback):
+class MorphNet(RunAccess, pl.Callback):
     """Learn the layer widths of a LightningModule while it trains.
 
     ``target_cost``: land on this cost (a fraction of the seed's when <= 1, else absolute), with the
@@ -76,20 +76,6 @@ class MorphNet(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(target_cost=self.run.target_cost, strength=self.run.fixed_strength,
                                         resource=self.run.resource, module=str(self.module))
-
-    @property
-    def regularizer(self):
-        """The network regularizer, once the first batch has been seen."""
-        return self.run.reg
-
-    @property
-    def target_cost(self):
-        """The :class:`morphnet.TargetCost` controller in target-cost mode (else None)."""
-        return self.run.controller
-
-    @property
-    def structure_file(self) -> Path | None:
-        return self.run.structure_file
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.module is None:

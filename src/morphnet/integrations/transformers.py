@@ -30,10 +30,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 from torch import nn
 
-from morphnet.integrations.core import MorphNetRun
+from morphnet.integrations.core import MorphNetRun, RunAccess
 
 
-class MorphNetCallback(TrainerCallback, ExportableState):
+class MorphNetCallback(RunAccess, TrainerCallback, ExportableState):
     """Learn the layer widths of a model while the Hugging Face Trainer trains it.
 
     Options as :class:`morphnet.integrations.lightning.MorphNet`: ``target_cost`` (default 0.5
@@ -77,20 +77,6 @@ class MorphNetCallback(TrainerCallback, ExportableState):
             self._args["regularizer"] = regularizer
         self.saved_state: dict[str, Any] | None = None
         self._metrics: dict[str, float] | None = None
-
-    @property
-    def regularizer(self):
-        """The network regularizer, once training has begun."""
-        return self.run.reg
-
-    @property
-    def target_cost(self):
-        """The :class:`morphnet.TargetCost` controller in target-cost mode (else None)."""
-        return self.run.controller
-
-    @property
-    def structure_file(self) -> Path | None:
-        return self.run.structure_file
 
     def state(self) -> dict:
         """For the Trainer's checkpoints (``trainer_state.json``): JSON values only."""
