@@ -161,7 +161,7 @@ class Bench:
         return self.out.with_name(self.out.stem + "_weights") / f"seed{seed}.pt"
 
     def full_counts(self) -> dict[str, int]:
-        reg = morphnet.GroupLassoFlopsRegularizer(self.new_seed(0), self.example, threshold=0.0)
+        reg = morphnet.GammaFlopsRegularizer(self.new_seed(0), self.example, gamma_threshold=0.0)
         return morphnet.StructureExporter(reg).get_alive_counts()
 
     def scale_to(self, counts: dict[str, int], fraction: float) -> tuple[float, dict[str, int]]:
@@ -229,8 +229,8 @@ def calibrate(bench: Bench, first_seed: int) -> None:
     full = bench.full_counts()
     for seed in range(first_seed, first_seed + bench.s.calibration_seeds):
         for width in bench.s.calibration_widths:
-            counts = morphnet.StructureExporter(morphnet.GroupLassoFlopsRegularizer(
-                bench.new_seed(0, width), bench.example, threshold=0.0)).get_alive_counts()
+            counts = morphnet.StructureExporter(morphnet.GammaFlopsRegularizer(
+                bench.new_seed(0, width), bench.example, gamma_threshold=0.0)).get_alive_counts()
             assert counts.keys() == full.keys()
             bench.trained(seed, "calibration", width, counts, test=False, width=width)
 

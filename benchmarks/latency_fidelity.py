@@ -192,7 +192,7 @@ def main() -> None:
     example = bundle.example_inputs(1)
     torch.manual_seed(0)
     seed_model = create_seed(cfg["model"], num_classes=bundle.num_classes, in_channels=shape[0])
-    full = morphnet.StructureExporter(morphnet.GroupLassoFlopsRegularizer(seed_model, example, threshold=0.0))
+    full = morphnet.StructureExporter(morphnet.GammaFlopsRegularizer(seed_model, example, gamma_threshold=0.0))
     rng = random.Random(0)
     structures = [("seed", full.get_alive_counts())]
     structures += [("random", c) for c in random_structures(seed_model, example, cfg["random"], rng)]

@@ -103,7 +103,7 @@ class Bench:
         return create_seed(self.s.model, num_classes=self.data.num_classes, in_channels=self.data.input_shape[0])
 
     def full_counts(self, model: nn.Module) -> dict[str, int]:
-        reg = morphnet.GroupLassoFlopsRegularizer(model, self.example, threshold=0.0)
+        reg = morphnet.GammaFlopsRegularizer(model, self.example, gamma_threshold=0.0)
         return morphnet.StructureExporter(reg).get_alive_counts()
 
     def learn(self, regularizer: str, k: float, seed: int) -> tuple[dict[str, int], float]:
