@@ -151,3 +151,18 @@ def kill_groups(model: nn.Module, reg, dead, seed: int = 0) -> None:
             for gate in reg.source.names:
                 logits = f"{gate}.logits" if gate else "logits"
                 state[logits].copy_(torch.where(rows(logits, 0), -5.0, 5.0))
+
+
+def spy_host_reads(monkeypatch) -> list[str]:
+    """Record every tensor method that copies a value to the host (a sync on a GPU): the names of the
+    calls land in the returned list, which the test may clear between steps."""
+    host_reads: list[str] = []
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            host_reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return host_reads

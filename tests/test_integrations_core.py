@@ -10,6 +10,7 @@ from torch import nn
 
 import morphnet
 from morphnet.integrations.core import MorphNetRun, example_from_batch, first_example, read_interval
+from nets import spy_host_reads
 
 SRC = str(Path(morphnet.__file__).resolve().parents[1])
 
@@ -68,15 +69,7 @@ def test_between_reads_the_callbacks_work_reads_no_tensor_value_on_the_host(monk
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     run = MorphNetRun(target_cost=0.5, log_every=5)
     run.build(model, torch.randn(1, 3, 8, 8), steps=20, log_every=5)
-    host_reads = []
-    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            host_reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    host_reads = spy_host_reads(monkeypatch)
     per_step = []
     for step in range(1, 11):
         model(torch.randn(2, 3, 8, 8)).sum().backward()

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import morphnet
+from nets import spy_host_reads
 from morphnet.control import Candidate, StrengthController, select_candidate
 
 
@@ -213,15 +214,7 @@ def test_between_reads_a_step_reads_no_tensor_value_on_the_host(monkeypatch):
     model = small_net()
     reg = morphnet.GammaFlopsRegularizer(model, EXAMPLE, gamma_threshold=1e-2)
     tc = morphnet.TargetCost(reg, target=0.5, steps=100, log_every=10)
-    host_reads = []
-    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            host_reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    host_reads = spy_host_reads(monkeypatch)
     per_step = []
     for step in range(1, 21):
         host_reads.clear()
