@@ -172,7 +172,8 @@ def test_seed_weights_and_finetune_keep_the_learned_weights(fixed_strength_run, 
     assert {n: m.out_channels for n, m in slim.named_modules() if isinstance(m, torch.nn.Conv2d)
             and n in summary["slim"]["widths"]} == summary["slim"]["widths"]
     assert summary["slim"]["flops_counted"] == summary["slim"]["predicted_cost"] < summary["seed"]["flops_counted"]
-    assert summary["slim"]["accuracy"] > 0.5  # kept weights: far above chance after 30 steps
+    # kept weights: 97.8% after 30 steps at lr 0.01; the same slim net from a fresh init reaches 41%
+    assert summary["slim"]["accuracy"] > 0.9
 
 
 @pytest.mark.parametrize("args, message", [
