@@ -210,6 +210,37 @@ def run(bench: Bench, first_seed: int = 0) -> list[dict]:
     return rows
 
 
+def learn_only(bench: Bench, first_seed: int = 0, train_seed_network: bool = True) -> list[dict]:
+    """The calibration step of a new setting: per seed, the seed network trained once (its accuracy
+    and how long a retraining takes) and each strength's learned FLOPs, with no retraining of the
+    learned structures. Tells which strengths land in the range of the targets."""
+    s, rows = bench.s, []
+    for seed in range(first_seed, first_seed + s.seeds):
+        if train_seed_network:
+            rows.append(trained_row(bench, seed, "uniform", None, None, 1.0, bench.full_counts(bench.new_seed(seed))))
+        for regularizer, ks in s.strengths.items():
+            for k in ks:
+                start = time.perf_counter()
+                _, cost = bench.learn(regularizer, k, seed)
+                rows.append({"seed": seed, "arm": regularizer, "k": k, "learned_flops": cost,
+                             "learned_fraction": round(cost / bench.seed_flops, 4),
+                             "learn_seconds": round(time.perf_counter() - start, 2)})
+                print(f"seed {seed} {arm_label(regularizer, k):24s} learned {cost:.0f} FLOPs "
+                      f"({cost / bench.seed_flops:.3f} of the seed) in {rows[-1]['learn_seconds']:.0f} s", flush=True)
+    return rows
+
+
+def parse_strengths(text: str) -> dict[str, list[float]]:
+    """``gamma=15,30;logistic-sigmoid=3000`` -> {"gamma": [15.0, 30.0], "logistic-sigmoid": [3000.0]}."""
+    out = {}
+    for part in filter(None, text.split(";")):
+        name, _, ks = part.partition("=")
+        if name.strip() not in regularizer_names() or not ks:
+            raise SystemExit(f"--strengths: {part!r} is not NAME=K[,K...] with NAME one of {regularizer_names()}")
+        out[name.strip()] = [float(k) for k in ks.split(",")]
+    return out
+
+
 def _log_interp(points: list[tuple[float, float]], flops: float) -> float:
     """Accuracy at ``flops`` on a curve of (FLOPs, accuracy) points, linear in log-FLOPs (clamped)."""
     points = sorted(points)
@@ -352,6 +383,10 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", metavar="JSON",
                         help="no training: merge the rows of runs over disjoint seeds, compare and plot them")
     parser.add_argument("--quick", action="store_true", help="one seed, one target, a few steps (test suite)")
+    parser.add_argument("--learn-only", action="store_true",
+                        help="calibration: train the seed once and report what each strength learns (no retraining)")
+    parser.add_argument("--skip-seed-network", action="store_true", help="with --learn-only: do not train the seed")
+    parser.add_argument("--strengths", help="override the setting's strengths, e.g. 'gamma=15,30;logistic-sigmoid=3000'")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/pareto_cpu.json or "
                                       "pareto_gpu_<model>.json; CSV and PNG beside it)")
@@ -364,6 +399,8 @@ def main() -> None:
         setting = quick(setting)
     if args.seeds:
         setting = replace(setting, seeds=args.seeds)
+    if args.strengths:
+        setting = replace(setting, strengths=parse_strengths(args.strengths))
     name = "pareto_cpu" if args.setting == "cpu" else f"pareto_gpu_{setting.model}"
     out = Path(args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json")
     if args.combine:
@@ -376,10 +413,15 @@ def main() -> None:
         print(f"{setting.model} on {setting.data} ({bench.seed_flops:.0f} FLOPs), targets "
               f"{[round(t) for t in bench.targets]}, on {env['device_name']}", flush=True)
         start = time.perf_counter()
-        rows = run(bench, args.first_seed)
+        rows = (learn_only(bench, args.first_seed, not args.skip_seed_network) if args.learn_only
+                else run(bench, args.first_seed))
         env["wall_seconds"] = round(time.perf_counter() - start)
         settings = {"name": args.setting, **vars(setting), "first_seed": args.first_seed,
                     "targets_flops": bench.targets, "seed_flops": bench.seed_flops}
+        if args.learn_only:
+            write_results(out, {"environment": env, "settings": settings, "rows": rows}, rows)
+            print(f"wrote {out}")
+            return
     comparisons = compare(rows)
     report(comparisons)
     write_results(out, {"environment": env, "settings": settings, "comparisons": comparisons, "rows": rows}, rows)
