@@ -73,10 +73,12 @@ SETTINGS = {
     # ~270k / ~130k FLOPs, k >= 45 collapses every layer; LogisticSigmoid needs k ~ 3000 to shrink.
     "cpu": Setting(data="digits", model="digits_cnn", targets=[20e3, 40e3, 80e3, 160e3],
                    strengths={"gamma": [15, 30], "logistic-sigmoid": [3000]}, learn_steps=600, retrain_steps=600),
-    # Not calibrated yet (needs a GPU): strengths carried over from the CPU setting.
+    # Calibrated on an H200 (one seed, --learn-only, docs/benchmarks.md): Gamma k = 1.5 / 4 learn 0.53 / 0.05
+    # of ResNet-20's FLOPs (0.66 / 0.14 of ResNet-56's); k = 15 / 30 kill almost everything here.
+    # LogisticSigmoid k = 3000 learns 0.12 of ResNet-20's FLOPs.
     # The smallest target is a 0.25x-wide ResNet's FLOPs: the uniform arm checks the data's calibration.
     "gpu": Setting(data="synthetic:20000", model="resnet20", targets=[0.0625, 0.125, 0.25, 0.5],
-                   strengths={"gamma": [15, 30], "logistic-sigmoid": [3000]}, learn_steps=2000, retrain_steps=3000,
+                   strengths={"gamma": [1.5, 4], "logistic-sigmoid": [3000]}, learn_steps=2000, retrain_steps=3000,
                    batch_size=128),
 }
 

@@ -233,3 +233,24 @@ def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):
 def test_every_benchmark_script_is_covered():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {"common.py"}
     assert scripts == set(SCRIPTS), "add new benchmark scripts to SCRIPTS so their quick mode runs in CI"
+
+
+def test_pareto_learn_only_reports_what_each_strength_learns(tmp_path):
+    """The calibration step of a new setting: the seed trained once, then one learning run per
+    strength whose learned FLOPs are reported as a fraction of the seed's, nothing retrained."""
+    out = tmp_path / "calibration.json"
+    args = [sys.executable, str(BENCHMARKS / "pareto.py"), "--quick", "--device", "cpu", "--learn-only",
+            "--strengths", "gamma=0,30", "--out", str(out)]
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=150, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    seed_row, *learned = result["rows"]
+    assert seed_row["arm"] == "uniform" and 0 <= seed_row["accuracy"] <= 1
+    assert [(r["arm"], r["k"]) for r in learned] == [("gamma", 0.0), ("gamma", 30.0)]
+    seed_flops = result["settings"]["seed_flops"]
+    assert learned[0]["learned_flops"] == seed_flops  # no penalty: nothing dies
+    assert all(r["learned_fraction"] == round(r["learned_flops"] / seed_flops, 4) for r in learned)
+    assert not any("accuracy" in r for r in learned)
+    bad = subprocess.run(args[:-4] + ["--strengths", "nope=1", "--out", str(out)], check=False,
+                         capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert bad.returncode != 0 and "--strengths" in bad.stderr
