@@ -127,6 +127,34 @@ register_regularizer("gamma-unweighted", "flops",
                      lambda model, example, threshold, hardware: UnweightedGammaFlops(model, example, threshold))
 
 
+class SumGroupedGammaFlops(morphnet.GammaFlopsRegularizer):
+    """Recipe candidate: a channel group shared by several BatchNorms (a residual stream) is penalized
+    by the sum of their |gamma|, not the max. Under the max only the largest member is pushed at a
+    time, so a group of k members takes about k times longer to die than a lone bottleneck for the
+    same FLOP saving; the sum pushes every member with the group's full cost. Alive is still the OR."""
+
+    def __init__(self, model, example_inputs, gamma_threshold: float):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold)
+        grouping, max_vectors = self.grouping, self.grouping.group_vectors
+
+        def sum_vectors(values, alive, with_reg=True):
+            alive_g, _ = max_vectors(values, alive, with_reg=False)
+            if not with_reg:
+                return alive_g, None
+            t = grouping.tensors(values.device)
+            reg_g = torch.zeros(grouping.num_groups, dtype=torch.float64, device=values.device)
+            reg_g = reg_g.scatter_add(0, t["group"], values.to(torch.float64))
+            return alive_g, reg_g * t["regularized"]
+
+        grouping.group_vectors = sum_vectors
+
+
+register_regularizer("gamma-sum", "flops",
+                     lambda model, example, threshold, hardware: SumGroupedGammaFlops(model, example, threshold))
+#: Recipe candidates of phase ``recipe`` (validation split only): --recipe NAME.
+RECIPES = ("gamma-sum", "gamma-unweighted")
+
+
 class Bench:
     """Data, seed factory and the build-train-score path shared by every arm."""
 
@@ -308,7 +336,27 @@ def finetune(bench: Bench, first_seed: int) -> None:
             bench.trained(seed, "uniform-long", budget, counts, steps=s.steps + 2 * quarter, factor=factor)
 
 
-PHASES = {"calibrate": calibrate, "core": core, "ablation": ablation, "finetune": finetune}
+def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
+    """A recipe candidate on the validation split only (the test split is not read): structures
+    learned with regularizer ``name`` at every budget, used at the budget and, from the structure
+    learned at half the budget, expanded to it. Compared with the core phase's arms of the same
+    seeds by ``--combine`` (validation columns)."""
+    s = bench.s
+    for seed in range(first_seed, first_seed + s.seeds):
+        for budget in s.budgets:
+            learned = bench.learn(seed, budget, name)
+            factor, counts = bench.scale_to(learned["counts"], budget)
+            bench.trained(seed, f"at-budget:{name}", budget, counts, test=False, factor=factor, learned_at=budget,
+                          learned_fraction=learned["learned_fraction"])
+        for budget in s.budgets:
+            if budget / 2 in s.budgets:
+                learned = bench.learn(seed, budget / 2, name)
+                factor, counts = bench.scale_to(learned["counts"], budget)
+                bench.trained(seed, f"shrink-expand:{name}", budget, counts, test=False, factor=factor,
+                              learned_at=budget / 2, learned_fraction=learned["learned_fraction"])
+
+
+PHASES = {"calibrate": calibrate, "core": core, "ablation": ablation, "finetune": finetune, "recipe": recipe}
 #: The reference each arm is compared with (default: the uniform network at the same budget).
 REFERENCE = {"finetune": "uniform-long"}
 
@@ -444,6 +492,7 @@ def main() -> None:
                         help="run the phase at these budgets only (default 1/8 1/4 1/2)")
     parser.add_argument("--combine", nargs="+", metavar="JSONL", help="no training: merge runs, compare and plot")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, one seed (test suite)")
+    parser.add_argument("--recipe", choices=RECIPES, default="gamma-sum", help="the candidate of --phase recipe")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="path prefix for OUT.jsonl (rows), OUT.json, OUT.csv, OUT.png "
                                       "(default benchmarks/results/budgets_cpu)")
@@ -476,7 +525,7 @@ def main() -> None:
         print(f"{s.model} at {s.image_size}x{s.image_size} ({bench.seed_flops:.0f} FLOPs), phase {args.phase}, "
               f"seeds {args.first_seed}..{args.first_seed + s.seeds - 1}, on {env['device_name']}", flush=True)
         start = time.perf_counter()
-        PHASES[args.phase](bench, args.first_seed)
+        PHASES[args.phase](bench, args.first_seed, **({"name": args.recipe} if args.phase == "recipe" else {}))
         env["wall_seconds"] = round(time.perf_counter() - start)
         rows = bench.rows
     summary = compare(rows)
