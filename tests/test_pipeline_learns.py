@@ -115,3 +115,20 @@ def test_logistic_sigmoid_run_inserts_learns_and_removes_the_gates(tmp_path):
     slim = morphnet.load_slim(digits_seed, tmp_path / "slim", example())
     assert not morphnet.gates.gated_modules(slim)
     assert counted_flops(slim, example()) == summary["slim"]["flops_counted"] == summary["learned"]["cost"]
+
+
+def test_min_layer_fraction_keeps_every_layer_above_its_floor(tmp_path):
+    """A strength that thins some layer below half its width, with and without --min-layer-fraction 0.5."""
+    widths = morphnet.StructureExporter(morphnet.GammaFlopsRegularizer(digits_seed(), example(),
+                                                                       gamma_threshold=0.0)).get_alive_counts()
+
+    def learned(out, *extra):
+        assert main(["learn", "--steps", "40", "--strength", "1e-5", "--out", str(out), *extra, *FAST]) == 0
+        last = max((out / "learned_structure").glob("alive_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+        return json.loads(last.read_text())
+
+    plain = learned(tmp_path / "plain")
+    assert any(plain[name] < width / 2 for name, width in widths.items())
+    floored = learned(tmp_path / "floor", "--min-layer-fraction", "0.5")
+    assert all(floored[name] >= -(-width // 2) for name, width in widths.items())
+    assert main(["learn", "--min-layer-fraction", "2", "--out", str(tmp_path / "bad"), *FAST]) == 2

@@ -85,6 +85,8 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=float, default=None,
                        help="alive threshold of the regularizer's source: gamma, BatchNorm scale (default 0.01); "
                             "group-lasso, fraction of each layer's initial channel-norm scale (default 0.1)")
+    group.add_argument("--min-layer-fraction", type=float, default=None,
+                       help="keep at least this fraction of every layer's channels (default 0: no floor)")
     group.add_argument("--steps", type=_positive_int, default=None, help="structure learning steps (default 1500)")
     group.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (default 64)")
     group.add_argument("--lr", type=float, default=None, help="fixed learning rate of structure learning (default 0.05)")

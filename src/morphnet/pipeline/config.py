@@ -34,6 +34,7 @@ class RunConfig:
     target_cost: float | None = None
     tolerance: float = 0.05
     threshold: float | None = None
+    min_layer_fraction: float = 0.0
     steps: int = 1500
     retrain_steps: int | None = None
     batch_size: int = 64
@@ -88,6 +89,8 @@ class RunConfig:
         positive("target-cost", self.target_cost)
         positive("expand-to", self.expand_to)
         positive("threshold", self.threshold, allow_zero=True)
+        if not 0 <= self.min_layer_fraction <= 1:
+            raise ValueError(f"--min-layer-fraction must be between 0 and 1, got {self.min_layer_fraction}")
         positive("lr", self.lr)
         positive("retrain-lr", self.retrain_lr)
         positive("finetune-lr", self.finetune_lr)

@@ -73,7 +73,8 @@ def learn_structure(
     out = Path(cfg.out)
     example = data.example_inputs(1).to(ctx.device)
     reg = make_regularizer(
-        cfg.regularizer, cfg.target, model, example, threshold=cfg.threshold, hardware=cfg.hardware
+        cfg.regularizer, cfg.target, model, example, threshold=cfg.threshold, hardware=cfg.hardware,
+        min_layer_fraction=cfg.min_layer_fraction,
     )
     exporter = morphnet.StructureExporter(reg)
     seed_cost = float(reg.get_cost())

@@ -39,9 +39,10 @@ def regularizer_targets(name: str) -> list[str]:
 
 def make_regularizer(
     name: str, target: str, model: nn.Module, example_inputs: Any, *,
-    threshold: float | None = None, hardware: str | None = None,
+    threshold: float | None = None, hardware: str | None = None, min_layer_fraction: float = 0.0,
 ):
-    """Build the network regularizer for ``name`` and ``target`` on ``model``."""
+    """Build the network regularizer for ``name`` and ``target`` on ``model`` (with a per-layer
+    floor of ``min_layer_fraction`` of every layer's width when it is above 0)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown regularizer '{name}'; choose one of {', '.join(regularizer_names())}")
     if target not in _REGISTRY[name]:
@@ -50,7 +51,10 @@ def make_regularizer(
         )
     if target == "latency" and not hardware:
         raise ValueError("--target latency needs --hardware NAME (for example V100, T4, H100)")
-    return _REGISTRY[name][target](model, example_inputs, threshold, hardware)
+    reg = _REGISTRY[name][target](model, example_inputs, threshold, hardware)
+    if min_layer_fraction:
+        reg.set_min_layer_fraction(min_layer_fraction)
+    return reg
 
 
 def _core(class_name: str, threshold_arg: str, default_threshold: float, **options: Any) -> RegularizerFactory:

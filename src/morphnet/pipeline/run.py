@@ -390,7 +390,7 @@ def keep_weights_stage(session: Session, learned: nn.Module) -> tuple[Rebuilt, f
     cfg = session.cfg
     learned = learned.cpu()
     reg = make_regularizer(cfg.regularizer, cfg.target, learned, session.example, threshold=cfg.threshold,
-                           hardware=cfg.hardware)
+                           hardware=cfg.hardware, min_layer_fraction=cfg.min_layer_fraction)
     counts = morphnet.StructureExporter(reg).get_alive_counts()
     model = morphnet.apply_structure(learned, reg, session.example, keep_weights=True)
     return Rebuilt(model=model, counts=counts, width_multiplier=None), float(reg.get_cost())

@@ -12,6 +12,7 @@ from torch import nn
 from morphnet.channels import analyze_model
 from morphnet.costs import build_cost_program, get_hardware
 from morphnet.evaluation import CostEvaluator
+from morphnet.regularizers.floor import LayerFloor
 from morphnet.sources import GammaSource, GroupLassoSource, Source, SourceGrouping
 
 _COST_NAMES = {"flops": "FLOPs", "size": "ModelSize", "latency": "Latency", "activations": "Activations",
@@ -35,6 +36,9 @@ class NetworkRegularizer:
     ``regularizer_decorator(alive, reg, **decorator_parameters) -> (alive, reg)`` may
     transform the per-group alive (float, 1.0 = alive) and regularization vectors, for
     example to rescale the penalty or to force groups alive.
+
+    ``min_layer_fraction=f`` keeps at least ceil(f x width) output channels of every conv /
+    linear layer (``regularizers/floor.py``): no 1-channel bottlenecks.
     """
 
     source_name = ""
@@ -43,7 +47,7 @@ class NetworkRegularizer:
                  input_boundary: Sequence | None = None, output_boundary: Sequence | None = None,
                  force_group: Sequence[str] | None = None, regularizer_blacklist: Sequence[str] | None = None,
                  regularizer_decorator: Callable | None = None, decorator_parameters: dict | None = None,
-                 prune_outputs: bool = False, prune_normalized: bool = False):
+                 prune_outputs: bool = False, prune_normalized: bool = False, min_layer_fraction: float = 0.0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -73,6 +77,8 @@ class NetworkRegularizer:
         self._module_names = {n for n, _ in model.named_modules()}
         self._module_ids = {id(m): n for n, m in model.named_modules()}
         self._export = self._export_table()
+        self.floor: LayerFloor | None = None
+        self.set_min_layer_fraction(min_layer_fraction)
 
     # ---- subclass hooks ---------------------------------------------------------------------------
     def _make_source(self, model: nn.Module) -> Source:
@@ -132,10 +138,21 @@ class NetworkRegularizer:
             cost, _ = self.evaluator.evaluate(alive_g, None, self._mask(modules, values.device))
         return cost
 
+    def set_min_layer_fraction(self, fraction: float) -> None:
+        """Keep at least ``fraction`` of every conv / linear layer's output channels: the groups with
+        the largest values, enough to cover it, carry no penalty and count as alive (0 turns it off)."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"min_layer_fraction must be a number in [0, 1], got {fraction!r}")
+        self.min_layer_fraction = float(fraction)
+        self.floor = LayerFloor(self._export, self.grouping.regularized, fraction) if fraction > 0 else None
+
     # ---- internals ------------------------------------------------------------------------------
     def _group_vectors(self, values: torch.Tensor, with_reg: bool):
         alive = self.source.alive(values)
-        alive_g, reg_g = self.grouping.group_vectors(values, alive, with_reg or self.decorator is not None)
+        need_reg = with_reg or self.decorator is not None or self.floor is not None
+        alive_g, reg_g = self.grouping.group_vectors(values, alive, need_reg)
+        if self.floor is not None:
+            alive_g, reg_g = self.floor(alive_g, reg_g)
         if self.decorator is not None:
             alive_g, reg_g = self.decorator(alive_g, reg_g, **self.decorator_parameters)
         return alive_g, reg_g
