@@ -49,7 +49,6 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from common import RESULTS, environment, resolve_device, setup_cpu, write_results
@@ -150,36 +149,10 @@ class SumGroupedGammaFlops(morphnet.GammaFlopsRegularizer):
         grouping.group_vectors = sum_vectors
 
 
-class FlooredGammaFlops(morphnet.GammaFlopsRegularizer):
-    """Recipe candidate: a per-layer floor. In every convolution the ceil(FLOOR x width) channel
-    groups with the largest scales are neither penalized nor counted dead, so no layer is thinned
-    below a quarter of its width (the learned 1-5 channel bottlenecks) and the controller pays for
-    the floor with the other channels."""
-
-    FLOOR = 0.25
-
-    def __init__(self, model, example_inputs, gamma_threshold: float):
-        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, regularizer_decorator=self._floor)
-        a = self.analysis
-        self._layers = []
-        for name, ids in a.module_out_ids.items():
-            if not issubclass(a.graph.module_types.get(name, nn.Module), nn.modules.conv._ConvNd):
-                continue
-            groups = np.unique(a.group_of[ids])
-            groups = groups[self.grouping.regularized[groups]]
-            if len(groups):
-                self._layers.append((torch.as_tensor(groups), min(len(groups), math.ceil(self.FLOOR * len(ids)))))
-
-    def _floor(self, alive_g, reg_g):
-        protect = torch.zeros_like(alive_g, dtype=torch.bool)
-        for groups, k in getattr(self, "_layers", ()):
-            groups = groups.to(reg_g.device)
-            protect[groups[reg_g.detach()[groups].topk(k).indices]] = True
-        return torch.where(protect, 1.0, alive_g), torch.where(protect, 0.0, reg_g)
-
-
-register_regularizer("gamma-floor", "flops",
-                     lambda model, example, threshold, hardware: FlooredGammaFlops(model, example, threshold))
+#: Recipe candidate: the per-layer floor (``min_layer_fraction``, regularizers/floor.py) at a quarter of
+#: every convolution's width, so that no layer is thinned to the 1-5 channel bottlenecks of the core phase.
+register_regularizer("gamma-floor", "flops", lambda model, example, threshold, hardware:
+                     morphnet.GammaFlopsRegularizer(model, example, gamma_threshold=threshold, min_layer_fraction=0.25))
 register_regularizer("gamma-sum", "flops",
                      lambda model, example, threshold, hardware: SumGroupedGammaFlops(model, example, threshold))
 #: Recipe candidates of phase ``recipe`` (validation split only): --recipe NAME.
