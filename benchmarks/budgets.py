@@ -360,6 +360,11 @@ def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
                 factor, counts = bench.scale_to(learned["counts"], budget)
                 bench.trained(seed, f"shrink-expand:{name}", budget, counts, sealed=True, factor=factor,
                               learned_at=budget / 2, learned_fraction=learned["learned_fraction"])
+    for seed in range(first_seed, first_seed + s.seeds):  # last: the largest budget's structure at full cost
+        learned = bench.learn(seed, max(s.budgets), name)
+        factor, counts = bench.scale_to(learned["counts"], 1.0)
+        bench.trained(seed, f"expand-full:{name}", 1.0, counts, sealed=True, factor=factor,
+                      learned_at=max(s.budgets), learned_fraction=learned["learned_fraction"])
 
 
 PHASES = {"calibrate": calibrate, "core": core, "ablation": ablation, "finetune": finetune, "recipe": recipe}
@@ -372,8 +377,9 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, (0.0 if math.isnan(sd) else sd)
 
 
-def compare(rows: list[dict]) -> dict:
-    """Per budget: each arm against the uniform network of the same budget; MorphNet's pick by validation."""
+def compare(rows: list[dict], recipe: str | None = None) -> dict:
+    """Per budget: each arm against the uniform network of the same budget; MorphNet's pick by validation
+    between at-budget and shrink-and-expand (of the recipe phase's candidate ``recipe`` when given)."""
     trained = [r for r in rows if "test" in r and r["arm"] != "calibration"]
     by: dict[tuple[str, float | None], list[dict]] = {}
     for r in trained:
@@ -402,7 +408,8 @@ def compare(rows: list[dict]) -> dict:
                 "uniform_test_mean": u_test, "uniform_test_sd": u_sd,
                 "gap": gap, "two_pooled_se": 2 * se, "verdict": verdict,
             })
-        candidates = [t for t in table if t["budget"] == budget and t["arm"] in ("at-budget", "shrink-expand")]
+        pickable = [f"{arm}:{recipe}" if recipe else arm for arm in ("at-budget", "shrink-expand")]
+        candidates = [t for t in table if t["budget"] == budget and t["arm"] in pickable]
         if candidates:
             pick = max(candidates, key=lambda t: t["val_mean"])
             picks[str(budget)] = {"arm": pick["arm"], "gap": pick["gap"], "two_pooled_se": pick["two_pooled_se"],
@@ -539,7 +546,7 @@ def main() -> None:
     if args.unseal:
         rows = [{**{k: v for k, v in r.items() if k != "sealed_test"}, "test": r["sealed_test"]}
                 if "sealed_test" in r else r for r in rows]
-    summary = compare(rows)
+    summary = compare(rows, args.recipe if args.unseal else None)
     calibration = calibration_summary(rows)
     report(summary, calibration)
     if summary["table"]:

@@ -196,6 +196,22 @@ def test_budgets_phases_resume_compare_and_combine(quick, tmp_path):
     combined = json.loads(prefix.with_suffix(".json").read_text())
     assert {(t["arm"], t["reference"]) for t in combined["table"]} >= {("finetune", "uniform-long"),
                                                                       ("unweighted", "uniform")}
+    # a recipe candidate's test scores stay sealed (out of the table) until --unseal, after the choice
+    phase("--phase", "recipe", "--recipe", "gamma-floor")
+    recipe_rows = [json.loads(line) for line in (folder / "result.jsonl").read_text().splitlines()][len(rows):]
+    assert {r["arm"] for r in recipe_rows} == {"learn:gamma-floor", "at-budget:gamma-floor", "expand-full:gamma-floor"}
+    assert all("sealed_test" in r and "test" not in r for r in recipe_rows if "val" in r)
+    sealed = json.loads(prefix.with_suffix(".json").read_text())
+    assert not any(":" in t["arm"] for t in sealed["table"])
+    unsealed = tmp_path / "unsealed"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "budgets.py"), "--combine", str(folder / "result.jsonl"),
+                           "--unseal", "--recipe", "gamma-floor", "--out", str(unsealed)], check=False,
+                          capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    opened = json.loads(unsealed.with_suffix(".json").read_text())
+    assert {"at-budget:gamma-floor", "expand-full:gamma-floor"} <= {t["arm"] for t in opened["table"]}
+    assert opened["morphnet_by_validation"]["0.25"]["arm"] == "at-budget:gamma-floor"
+    rows = [r for r in rows + recipe_rows if ":" not in r["arm"]]
     shifted = tmp_path / "shifted.jsonl"
     shifted.write_text("".join(json.dumps({**r, "seed": r["seed"] + 1}) + "\n" for r in rows))
     out = tmp_path / "both"
