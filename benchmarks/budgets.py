@@ -113,9 +113,10 @@ class UnweightedGammaFlops(morphnet.GammaFlopsRegularizer):
     network slimming's penalty: every channel group weighs the same (GammaActivation's term), scaled
     so that at the start it equals the FLOP-weighted term (same initial push, other distribution)."""
 
-    def __init__(self, model, example_inputs, gamma_threshold: float):
-        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold)
-        self._plain = morphnet.GammaActivationRegularizer(model, example_inputs, gamma_threshold=gamma_threshold)
+    def __init__(self, model, example_inputs, gamma_threshold: float, min_layer_fraction: float = 0.0):
+        super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, min_layer_fraction=min_layer_fraction)
+        self._plain = morphnet.GammaActivationRegularizer(model, example_inputs, gamma_threshold=gamma_threshold,
+                                                          min_layer_fraction=min_layer_fraction)
         with torch.no_grad():
             self._scale = float(super().get_regularization_term()) / float(self._plain.get_regularization_term())
 
@@ -155,8 +156,11 @@ register_regularizer("gamma-floor", "flops", lambda model, example, threshold, h
                      morphnet.GammaFlopsRegularizer(model, example, gamma_threshold=threshold, min_layer_fraction=0.25))
 register_regularizer("gamma-sum", "flops",
                      lambda model, example, threshold, hardware: SumGroupedGammaFlops(model, example, threshold))
+#: The ablation of the adopted recipe: the unweighted penalty with the same floor.
+register_regularizer("gamma-unweighted-floor", "flops", lambda model, example, threshold, hardware:
+                     UnweightedGammaFlops(model, example, threshold, min_layer_fraction=0.25))
 #: Recipe candidates of phase ``recipe`` (validation split only): --recipe NAME.
-RECIPES = ("gamma-sum", "gamma-floor", "gamma-unweighted")
+RECIPES = ("gamma-sum", "gamma-floor", "gamma-unweighted", "gamma-unweighted-floor")
 
 
 class Bench:
@@ -360,7 +364,8 @@ def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
                 factor, counts = bench.scale_to(learned["counts"], budget)
                 bench.trained(seed, f"shrink-expand:{name}", budget, counts, sealed=True, factor=factor,
                               learned_at=budget / 2, learned_fraction=learned["learned_fraction"])
-    for seed in range(first_seed, first_seed + s.seeds):  # last: the largest budget's structure at full cost
+    for seed in range(first_seed, first_seed + s.seeds if max(s.budgets) >= 0.25 else first_seed):
+        # last: the largest budget's structure at full cost (not for a run at small budgets only)
         learned = bench.learn(seed, max(s.budgets), name)
         factor, counts = bench.scale_to(learned["counts"], 1.0)
         bench.trained(seed, f"expand-full:{name}", 1.0, counts, sealed=True, factor=factor,

@@ -97,3 +97,15 @@ def test_off_by_default_and_bad_values_are_refused():
     for bad in (-0.1, 1.5, "0.25", True):
         with pytest.raises(ValueError, match="min_layer_fraction"):
             morphnet.GammaFlopsRegularizer(model, x[:1], gamma_threshold=0.01, min_layer_fraction=bad)
+
+
+def test_runs_default_to_the_floor_and_runs_saved_before_it_resume_without():
+    from morphnet.pipeline.config import RunConfig
+
+    assert RunConfig().min_layer_fraction == 0.25
+    saved = {k: v for k, v in RunConfig(steps=7).to_dict().items() if k != "min_layer_fraction"}
+    assert RunConfig.from_saved(saved).min_layer_fraction == 0.0  # what a run saved before the floor did
+    assert RunConfig.from_saved(saved).steps == 7
+    assert RunConfig.from_saved(RunConfig(min_layer_fraction=0.5).to_dict()).min_layer_fraction == 0.5
+    with pytest.raises(ValueError, match="--min-layer-fraction"):
+        RunConfig(min_layer_fraction=1.5)
