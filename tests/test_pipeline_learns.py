@@ -118,7 +118,7 @@ def test_logistic_sigmoid_run_inserts_learns_and_removes_the_gates(tmp_path):
 
 
 def test_min_layer_fraction_keeps_every_layer_above_its_floor(tmp_path):
-    """A strength that thins some layer below half its width, with and without --min-layer-fraction 0.5."""
+    """A strength that thins some layer below half its width without the floor (0), not with 0.5."""
     widths = morphnet.StructureExporter(morphnet.GammaFlopsRegularizer(digits_seed(), example(),
                                                                        gamma_threshold=0.0)).get_alive_counts()
 
@@ -127,7 +127,7 @@ def test_min_layer_fraction_keeps_every_layer_above_its_floor(tmp_path):
         last = max((out / "learned_structure").glob("alive_*.json"), key=lambda p: int(p.stem.split("_")[1]))
         return json.loads(last.read_text())
 
-    plain = learned(tmp_path / "plain")
+    plain = learned(tmp_path / "plain", "--min-layer-fraction", "0")
     assert any(plain[name] < width / 2 for name, width in widths.items())
     floored = learned(tmp_path / "floor", "--min-layer-fraction", "0.5")
     assert all(floored[name] >= -(-width // 2) for name, width in widths.items())

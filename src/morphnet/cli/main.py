@@ -18,7 +18,7 @@ from typing import Sequence
 
 from morphnet.data import DATA_HELP, DataError
 from morphnet.pipeline import files
-from morphnet.pipeline.config import DEFAULT_TARGET_COST, RunConfig
+from morphnet.pipeline.config import DEFAULT_TARGET_COST, LEGACY_DEFAULTS, RunConfig
 from morphnet.pipeline.regularizers import UNITS, regularizer_names
 from morphnet.pipeline.resume import Interrupted
 from morphnet.seeds import SeedError, list_seeds
@@ -86,7 +86,8 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
                        help="alive threshold of the regularizer's source: gamma, BatchNorm scale (default 0.01); "
                             "group-lasso, fraction of each layer's initial channel-norm scale (default 0.1)")
     group.add_argument("--min-layer-fraction", type=float, default=None,
-                       help="keep at least this fraction of every layer's channels (default 0: no floor)")
+                       help="keep at least this fraction of every layer's channels alive and unpenalized "
+                            "(default 0.25; 0 turns the floor off)")
     group.add_argument("--steps", type=_positive_int, default=None, help="structure learning steps (default 1500)")
     group.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (default 64)")
     group.add_argument("--lr", type=float, default=None, help="fixed learning rate of structure learning (default 0.05)")
@@ -175,7 +176,7 @@ def _config(args: argparse.Namespace, saved: dict | None = None) -> RunConfig:
     """A RunConfig from the options given; options left out come from ``saved`` (a run's
     config.json), then from RunConfig's defaults."""
     names = {f.name for f in fields(RunConfig)}
-    values = {k: v for k, v in (saved or {}).items() if k in names}
+    values = {k: v for k, v in ({**LEGACY_DEFAULTS, **saved} if saved else {}).items() if k in names}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     if getattr(args, "no_baseline", False):
         values["baseline"] = False

@@ -9,6 +9,11 @@ from typing import Any
 from morphnet.data import default_data
 
 DEFAULT_TARGET_COST = 0.5
+#: The per-layer floor of structure learning (``min_layer_fraction``): the budget benchmark's recipe
+#: (docs/benchmarks.md: it removed the 1-5 channel bottlenecks and the loss at 1/2 of the FLOPs).
+DEFAULT_MIN_LAYER_FRACTION = 0.25
+#: Settings added after runs were saved without them: what those runs did (for resuming them).
+LEGACY_DEFAULTS = {"min_layer_fraction": 0.0}
 #: Fields that do not change what a run computes: a resumed run may set them differently.
 RUNTIME_FIELDS = ("out", "device", "threads", "quiet")
 
@@ -34,7 +39,7 @@ class RunConfig:
     target_cost: float | None = None
     tolerance: float = 0.05
     threshold: float | None = None
-    min_layer_fraction: float = 0.0
+    min_layer_fraction: float = DEFAULT_MIN_LAYER_FRACTION
     steps: int = 1500
     retrain_steps: int | None = None
     batch_size: int = 64
@@ -123,3 +128,8 @@ class RunConfig:
         """A config from a saved ``config.json`` (unknown keys ignored, for older/newer runs)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "RunConfig":
+        """The config a saved run ran with: settings it predates take what it did then."""
+        return cls.from_dict({**LEGACY_DEFAULTS, **data})

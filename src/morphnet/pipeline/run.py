@@ -150,7 +150,7 @@ class Session:
         config = self.out / files.CONFIG
         if not config.is_file():
             raise FileNotFoundError(f"'{self.out}' holds no run to resume (no {files.CONFIG}); start one without --resume")
-        saved = RunConfig.from_dict(files.read_json(config))
+        saved = RunConfig.from_saved(files.read_json(config))
         differences = saved.differences(self.cfg)
         if differences:
             raise ValueError(f"--resume continues the run in '{self.out}' as it was configured, but "
