@@ -218,10 +218,6 @@ def test_zoo_costs_match_flop_counter(quick):
     assert all(row["rebuild_exact"] and row["killed_groups"] > 0 for row in result["rows"])
 
 
-@pytest.mark.xfail(
-    reason="known gap after merging issues 9 and 12: the coverage pass that keeps pruning safe does not yet "
-           "follow a killed head's zeros through the packed q/k/v split (and group lasso proves nothing on "
-           "BatchNorm networks), so these heads / widths stay: safe, but fewer prunable", strict=False)
 def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):
     result, _ = quick("prunable_share.py")
     rows = {row["model"]: row for row in result["rows"]}
