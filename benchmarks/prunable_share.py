@@ -5,7 +5,9 @@ cost(every group alive), both from ``GroupLassoFlopsRegularizer.get_cost()`` (FL
 attention matmuls included), with the threshold at infinity (every regularized group dead)
 and at 0 (every group alive); ``prunable_flop_share_normalized`` is the same with
 ``prune_normalized=True`` (LayerNorm'd residual widths prunable too, not function-preserving
-on rebuild). Also recorded: the fraction of channel groups kept fixed,
+on rebuild); ``prunable_flop_share_gamma`` with ``GammaFlopsRegularizer`` (BatchNorm scales as
+the evidence; None for a model without BatchNorm), since group lasso proves nothing for channels
+read through a BatchNorm. Also recorded: the fraction of channel groups kept fixed,
 the number of prunable conv / linear layers, and whether the all-alive cost equals
 FlopCounterMode's count (with the fused CPU attention kernel counted by PyTorch's own SDPA
 formula, as ``get_cost`` counts it). What stays is what the analysis keeps fixed on purpose:
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from common import RESULTS, environment, write_results
@@ -71,6 +74,18 @@ def counted_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // x.shape[0]
 
 
+def gamma_share(model: torch.nn.Module, x: torch.Tensor, full: float) -> float | None:
+    """The same share with BatchNorm scales as the evidence (GammaFlops); None without BatchNorms.
+    Group lasso proves nothing for channels read through a BatchNorm (its shift)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dead = morphnet.GammaFlopsRegularizer(model, x, gamma_threshold=float("inf"))
+        except ValueError:
+            return None
+    return round(1.0 - dead.get_cost().item() / full, 4)
+
+
 def measure(spec: str) -> dict | None:
     built = build(spec)
     if built is None:
@@ -87,6 +102,7 @@ def measure(spec: str) -> dict | None:
     return {"model": spec, "input": size, "flops": full, "flops_all_dead": rest,
             "prunable_flop_share": round(1.0 - rest / full, 4),
             "prunable_flop_share_normalized": round(1.0 - normalized.get_cost().item() / full, 4),
+            "prunable_flop_share_gamma": gamma_share(model, x, full),
             "fixed_group_fraction": round(float(a.fixed_group.mean()), 3), "groups": int(a.num_groups),
             "prunable_layers": len(morphnet.StructureExporter(alive).get_alive_counts()),
             "exact": full == counted_flops(model, x), "analysis_s": round(seconds, 2)}
@@ -110,7 +126,8 @@ def main() -> None:
             continue
         rows.append(row)
         print(f"{spec:36s} prunable FLOP share {row['prunable_flop_share']:.4f} "
-              f"(prune_normalized {row['prunable_flop_share_normalized']:.4f})  fixed groups "
+              f"(prune_normalized {row['prunable_flop_share_normalized']:.4f}, gamma "
+              f"{row['prunable_flop_share_gamma']})  fixed groups "
               f"{row['fixed_group_fraction']:.1%}  prunable layers {row['prunable_layers']}  "
               f"exact {row['exact']}  ({row['analysis_s']} s)", flush=True)
     write_results(args.out, {"environment": environment(torch.device("cpu")), "skipped": skipped, "rows": rows},

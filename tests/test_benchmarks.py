@@ -224,6 +224,10 @@ def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):
     assert all(row["exact"] for row in rows.values())
     assert rows["tiny_vit@32"]["prunable_flop_share"] >= 0.8  # heads, MLPs, attention matmuls; not the stem
     assert rows["shufflenet_v2_x0_5@64"]["fixed_group_fraction"] <= 0.10
+    # a BatchNorm network: group lasso proves nothing there (the shifts), BatchNorm scales prove nearly all
+    assert rows["shufflenet_v2_x0_5@64"]["prunable_flop_share"] == 0.0
+    assert rows["shufflenet_v2_x0_5@64"]["prunable_flop_share_gamma"] >= 0.95
+    assert rows["tiny_vit@32"]["prunable_flop_share_gamma"] is None  # no BatchNorm
 
 
 def test_every_benchmark_script_is_covered():
