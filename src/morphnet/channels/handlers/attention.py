@@ -38,6 +38,9 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: m.head_dim,
     "torchvision.models.swin_transformer.ShiftedWindowAttention":
         lambda m: None if hasattr(m, "logit_scale") else m.qkv.out_features // 3 // m.num_heads,
+    # Hugging Face (transformers >= 5): heads inferred with view(..., -1, head_dim), scaling stored
+    "transformers.models.bert.modeling_bert.BertSelfAttention": lambda m: m.attention_head_size,
+    "transformers.models.vit.modeling_vit.ViTAttention": lambda m: m.head_dim,
 }
 
 
