@@ -2,9 +2,9 @@
 a random quarter of the regularized groups killed then removed computes the same function, and a causal
 LM rebuilt from its structure still generates the same tokens.
 
-BERT and ViT prune attention heads (their attention classes are in the table); GPT-2 and Llama prune
-their MLP widths (GPT-2's heads come from a split by a constant size, Llama's from grouped-query
-attention: both keep their heads).
+BERT, ViT and Llama prune attention heads (their attention classes are in the table; Llama's grouped-query
+attention prunes a key / value head with the query heads that read it); GPT-2 prunes its MLP widths only
+(its heads come from a split by a constant size, so they keep their width).
 """
 
 import warnings
@@ -44,11 +44,18 @@ def llama(attn):
 
 
 MODELS = {"bert": bert, "vit": vit, "gpt2": gpt2, "llama": llama}
-HEADS = {"bert": "attention.self", "vit": "attention"}
+HEADS = {"bert": ("self.query.weight", 4), "vit": ("attention.q_proj.weight", 4),
+         "llama": ("self_attn.q_proj.weight", 2)}  # query weight, groups per layer (Llama: key / value heads)
+
+
+def _query_widths(model):
+    """Query widths of the attention modules (head width 8) and, for Llama, the key widths."""
+    return [(m.query if hasattr(m, "query") else m.q_proj).weight.shape[0] for m in model.modules()
+            if type(m).__name__ in ("BertSelfAttention", "ViTAttention", "LlamaAttention")]
 
 
 def _heads(model):
-    """Head counts of the attention modules (BertSelfAttention, ViTAttention), as their forward sees them."""
+    """Head counts of BERT's and ViT's attention modules, as their forward sees them."""
     return [m.num_attention_heads for m in model.modules()
             if type(m).__name__ in ("BertSelfAttention", "ViTAttention")]
 
@@ -65,12 +72,14 @@ def test_small_hf_models_cost_exactly_and_rebuild_to_the_same_function(name, att
     assert reg.get_cost().item() == counted_flops(model, x)
     counts = morphnet.StructureExporter(reg).get_alive_counts()
     assert any("mlp" in n or "intermediate" in n for n in counts), sorted(counts)
-    if name in HEADS:  # one group per head, regularized
-        a = reg.analysis
-        query = next(w for w in a.weights if w.endswith(("self.query.weight", "attention.q_proj.weight")))
-        groups = a.group_of[a.weights[query].out_ids]
-        assert len(set(groups.tolist())) == 4 and reg.grouping.regularized[groups].all()
     dead, _ = random_dead_groups(reg, 0)
+    if name in HEADS:  # one group per head (Llama: per key / value head), regularized
+        a = reg.analysis
+        suffix, count = HEADS[name]
+        query = next(w for w in a.weights if w.endswith(suffix))
+        groups = a.group_of[a.weights[query].out_ids]
+        assert len(set(groups.tolist())) == count and reg.grouping.regularized[groups].all()
+        dead[groups[0]] = True  # at least one head of the first layer
     kill_groups(model, reg, dead, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,9 +89,12 @@ def test_small_hf_models_cost_exactly_and_rebuild_to_the_same_function(name, att
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert counted_flops(slim, x) == reg.get_cost().item() < counted_flops(model, x)
     if name in HEADS:
-        assert _heads(model) == [4, 4] and sum(_heads(slim)) < 8
-        assert [m.query.out_features if hasattr(m, "query") else m.q_proj.out_features for m in slim.modules()
-                if type(m).__name__ in ("BertSelfAttention", "ViTAttention")] == [8 * h for h in _heads(slim)]
+        assert _query_widths(model) == [32, 32] and sum(_query_widths(slim)) < 64
+    if name in ("bert", "vit"):
+        assert _query_widths(slim) == [8 * h for h in _heads(slim)]
+    if name == "llama":  # a key / value head goes with both of its query heads
+        attn = [m for m in slim.modules() if type(m).__name__ == "LlamaAttention"]
+        assert [2 * m.k_proj.weight.shape[0] for m in attn] == [m.q_proj.weight.shape[0] for m in attn]
     if name in ("gpt2", "llama"):  # a causal LM rebuilt from a structure still generates, the same tokens
         prompt = x[:1, :4]
         with torch.no_grad():

@@ -166,6 +166,11 @@ def _hf_vit_attention(module: nn.Module, original: nn.Module) -> None:
     module.num_attention_heads = module.q_proj.weight.shape[0] // original.head_dim
 
 
+def _hf_llama_attention(module: nn.Module, original: nn.Module) -> None:
+    """Nothing stored: heads are inferred with view(-1, head_dim), and a key / value head goes with all
+    of its query heads, so num_key_value_groups stays."""
+
+
 NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",)
 
 
@@ -177,6 +182,7 @@ FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _torchvision_maxvit_attention,
     "transformers.models.bert.modeling_bert.BertSelfAttention": _hf_bert_self_attention,
     "transformers.models.vit.modeling_vit.ViTAttention": _hf_vit_attention,
+    "transformers.models.llama.modeling_llama.LlamaAttention": _hf_llama_attention,
 }
 assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
 

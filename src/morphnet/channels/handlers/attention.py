@@ -41,6 +41,8 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     # Hugging Face (transformers >= 5): heads inferred with view(..., -1, head_dim), scaling stored
     "transformers.models.bert.modeling_bert.BertSelfAttention": lambda m: m.attention_head_size,
     "transformers.models.vit.modeling_vit.ViTAttention": lambda m: m.head_dim,
+    # grouped-query: repeat_kv ties a key / value head to the query heads that read it (one group)
+    "transformers.models.llama.modeling_llama.LlamaAttention": lambda m: m.head_dim,
 }
 
 
