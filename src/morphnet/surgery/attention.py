@@ -171,7 +171,14 @@ def _hf_llama_attention(module: nn.Module, original: nn.Module) -> None:
     of its query heads, so num_key_value_groups stays."""
 
 
-NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",)
+def _hf_gpt2_attention(module: nn.Module, original: nn.Module) -> None:
+    module.split_size = module.c_attn.weight.shape[1] // 3  # Conv1D: [in, out]; q, k, v split by it
+    module.num_heads = module.split_size // original.head_dim
+
+
+# forwards that cannot run with zero heads (a size inferred with -1, a split by a size of 0)
+NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",
+                "transformers.models.gpt2.modeling_gpt2.GPT2Attention")
 
 
 FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
@@ -183,6 +190,7 @@ FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "transformers.models.bert.modeling_bert.BertSelfAttention": _hf_bert_self_attention,
     "transformers.models.vit.modeling_vit.ViTAttention": _hf_vit_attention,
     "transformers.models.llama.modeling_llama.LlamaAttention": _hf_llama_attention,
+    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _hf_gpt2_attention,
 }
 assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
 
