@@ -18,7 +18,8 @@ note when timm is not installed.
 
     python benchmarks/prunable_share.py [--quick] [--out PATH] [--device cpu] [MODEL ...]
 
-MODEL is a torchvision name, ``timm:NAME``, or ``NAME@SIZE`` for another input size.
+MODEL is a torchvision name, ``timm:NAME``, ``hf:llama_tiny`` (a 4-layer Hugging Face Llama, 64 tokens),
+or ``NAME@SIZE`` for another input size (tokens for ``hf:``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.utils import flop_counter
 import morphnet
 
 FULL = ["vit_b_16", "timm:deit_tiny_patch16_224", "swin_t", "convnext_tiny", "shufflenet_v2_x1_0",
-        "shufflenet_v2_x0_5", "timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224"]
+        "shufflenet_v2_x0_5", "timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224", "hf:llama_tiny"]
 QUICK = ["tiny_vit@32", "shufflenet_v2_x0_5@64", "swin_t@64"]
 
 FUSED_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
@@ -51,6 +52,15 @@ def build(spec: str) -> tuple[torch.nn.Module, int] | None:
         model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
                                                      hidden_dim=64, mlp_dim=128, num_classes=10)
         return model, int(size or 32)
+    if name == "hf:llama_tiny":  # Hugging Face Llama from a small config (grouped-query, RoPE): tokens
+        try:
+            import transformers
+        except ImportError:
+            return None
+        config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+                                          bos_token_id=0, eos_token_id=0)
+        return transformers.LlamaForCausalLM(config), int(size or 64)
     if name.startswith("timm:"):
         try:
             import timm
@@ -91,7 +101,7 @@ def measure(spec: str) -> dict | None:
     if built is None:
         return None
     model, size = built
-    x = torch.randn(1, 3, size, size)
+    x = torch.randint(0, 256, (1, size)) if spec.startswith("hf:") else torch.randn(1, 3, size, size)
     start = time.perf_counter()
     alive = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=0.0)
     dead = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=float("inf"))
@@ -122,7 +132,7 @@ def main() -> None:
         row = measure(spec)
         if row is None:
             skipped.append(spec)
-            print(f"{spec}: skipped (timm is not installed)", flush=True)
+            print(f"{spec}: skipped (timm / transformers is not installed)", flush=True)
             continue
         rows.append(row)
         print(f"{spec:36s} prunable FLOP share {row['prunable_flop_share']:.4f} "
