@@ -372,6 +372,7 @@ def instance_norm(zp: ZeroPass, node) -> None:
     if not any(prefix + k in zp.graph.state_shapes for k in ("bias", "running_mean")):
         keeps_zero(zp, node)
 
+
 # ---- issue 12: heads (views that split or merge the channel dim, products between activations,
 # fused attention, bias adds after a decomposed linear). Kept apart from the rules above.
 
