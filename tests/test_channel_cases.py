@@ -164,10 +164,6 @@ class Attention(nn.Module):
         return self.out(h.mean(1))
 
 
-@pytest.mark.xfail(
-    reason="known gap after merging issues 9 and 12: the coverage pass that keeps pruning safe does not yet "
-           "follow a killed head's zeros through the packed q/k/v split (and group lasso proves nothing on "
-           "BatchNorm networks), so these heads / widths stay: safe, but fewer prunable", strict=False)
 def test_attention_heads_and_the_mlp_are_prunable_and_the_normalized_width_is_not():
     net = Attention()
     x = torch.randn(2, 7, 6)

@@ -57,10 +57,6 @@ def test_shufflenet_prunes_channels_across_the_shuffle():
     assert reg.analysis.fixed_group.mean() <= 0.10
 
 
-@pytest.mark.xfail(
-    reason="known gap after merging issues 9 and 12: the coverage pass that keeps pruning safe does not yet "
-           "follow a killed head's zeros through the packed q/k/v split (and group lasso proves nothing on "
-           "BatchNorm networks), so these heads / widths stay: safe, but fewer prunable", strict=False)
 def test_vit_prunes_heads_and_the_mlp_hidden_width():
     model = _build("vit_b_32")
     reg = morphnet.GroupLassoFlopsRegularizer(model, torch.randn(1, 3, 224, 224), threshold=0.0)

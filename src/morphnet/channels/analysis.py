@@ -374,13 +374,17 @@ def analyze_channels(
                              f"BatchNorm module; names look like {sorted(w.module_out)[:3]}")
         for n in hits:
             blacklisted[group_of[w.module_out[n]]] = True
-    return ChannelAnalysis(
+    analysis = ChannelAnalysis(
         graph=graph, group_of=group_of, num_groups=num_groups, fixed_group=fixed,
         alignments=dict(w.slots), opaque_states=set(w.opaque), layer_calls=w.layer_calls,
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
         blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
         normalized=w.normalized, value_chans=w.chans, zero_points=w.zero_points, biases=w.biases,
     )
+    from morphnet.channels.coverage import fold_bias_adds
+
+    fold_bias_adds(analysis)
+    return analysis
 
 
 def _writes_first_arg(op) -> bool:

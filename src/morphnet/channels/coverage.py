@@ -41,6 +41,7 @@ import torch
 
 from morphnet.capture.graph import LeafOp, ValueRef
 from morphnet.channels.analysis import ChannelAnalysis, bind, vid
+from morphnet.channels.views import _MAX_EXPANDED, view_groups
 
 aten = torch.ops.aten
 ZERO_RULES: dict = {}
@@ -261,7 +262,7 @@ def _map_by_ids(zp: ZeroPass, x: int, out: int | None) -> None:
     zp.set(out, np.array([i in known and i not in nonzero for i in oc.ids.tolist()], dtype=bool))
 
 
-@zero_rule("view", "_unsafe_view", "reshape", "_reshape_alias", "unflatten", "flatten", "permute", "transpose",
+@zero_rule("permute", "transpose",
            "transpose_", "swapaxes", "t", "t_", "expand", "expand_as", "broadcast_to", "unsqueeze", "unsqueeze_",
            "squeeze", "squeeze_", "slice", "narrow", "select", "split", "split_with_sizes", "unbind", "chunk",
            "unsafe_split", "tensor_split", "as_strided", "flip", "roll", "index_select", "index", "repeat",
@@ -371,5 +372,183 @@ def instance_norm(zp: ZeroPass, node) -> None:
     if not any(prefix + k in zp.graph.state_shapes for k in ("bias", "running_mean")):
         keeps_zero(zp, node)
 
+
+# ---- issue 12: heads (views that split or merge the channel dim, products between activations,
+# fused attention, bias adds after a decomposed linear). Kept apart from the rules above.
+
+
+@zero_rule("view", "_unsafe_view", "reshape", "_reshape_alias", "unflatten", "flatten")
+def reshaped(zp: ZeroPass, node) -> None:
+    """A view that splits the channel dim (heads: C -> (3, heads, head_dim)) or merges it with others
+    (heads merged back, a flatten): each output channel entry is zero where every input channel entry
+    whose elements land in it is, followed by position, not by element id (a head's carrier id is
+    the id of one of its channels only)."""
+    x, out = node.tensor_inputs()[0], node.outputs[0]
+    xc, oc = zp.chans.get(x), zp.chans.get(out) if out is not None else None
+    if xc is None or oc is None:
+        return
+    zx = zp.z(x)
+    if not zx.any():
+        return
+    where = view_positions(zp.graph.values[x].shape, zp.graph.values[out].shape, xc.dim, oc.dim)
+    if where is not None:
+        zp.set(out, zx[where].all(1))
+
+
+def view_positions(old, new, dim: int, out_dim: int) -> np.ndarray | None:
+    """For a reshape ``old -> new``: row j lists the positions along ``dim`` of ``old`` whose elements
+    land at position j along ``out_dim`` of ``new`` (None when the two dims are not reshaped together)."""
+    old, new = tuple(old), tuple(new)
+    for ga, gb in view_groups(old, new):
+        if dim not in ga:
+            continue
+        if out_dim not in gb:
+            return None
+        sizes = [old[d] for d in ga]
+        if int(np.prod(sizes, dtype=np.int64)) > _MAX_EXPANDED:
+            return None
+        shape = [1] * len(ga)
+        shape[ga.index(dim)] = old[dim]
+        full = np.broadcast_to(np.arange(old[dim]).reshape(shape), sizes).reshape([new[d] for d in gb])
+        return np.moveaxis(full, gb.index(out_dim), 0).reshape(new[out_dim], -1)
+    return None
+
+
+def _product_nodes(zp: ZeroPass) -> set[int]:
+    got = getattr(zp, "_products", None)
+    if got is None:
+        got = zp._products = {p.node for p in zp.analysis.products}
+    return got
+
+
+@zero_rule("bmm", "baddbmm")
+def batched_product(zp: ZeroPass, node) -> None:
+    """A product between activations the analysis recorded (q.k^T, attn x v; ``activation_bmm``):
+
+    - heads on the batch dim of both: head h of ``a @ b`` is ``a[h] @ b[h]``, zero where either is
+      (softmax makes non-zero weights, so attn x v is zero for a head whose v is; a relative
+      position bias added to the logits does not matter);
+    - channels on the contracted dim of both: a channel whose entries are zero on one side adds
+      nothing to the sum, so only channels non-zero on both sides are read;
+    - a channel dim on a free dim of one side: the output keeps its zeros.
+    ``baddbmm`` adds its bias: zero only where the bias carries the same channels and is zero too.
+    Any other product (a linear layer's ``bmm`` with an expanded weight) reads its inputs."""
+    if node.index not in _product_nodes(zp):
+        reader(zp, node)
+        return
+    b = bind(node)
+    a, m = vid(b.get("self" if "mat2" in b else "batch1")), vid(b.get("mat2", b.get("batch2")))
+    bias = vid(b.get("self")) if "batch1" in b else None
+    out = node.outputs[0]
+    ca, cm, oc = zp.chans.get(a), zp.chans.get(m), zp.chans.get(out)
+    ra, rm = len(zp.graph.values[a].shape), len(zp.graph.values[m].shape)
+    role_a = None if ca is None else {ra - 1: "contract", ra - 2: "free"}.get(ca.dim, "batch")
+    role_m = None if cm is None else {rm - 2: "contract", rm - 1: "free"}.get(cm.dim, "batch")
+    flags = None
+    if role_a == role_m == "batch" and oc is not None and ca.dim == cm.dim == oc.dim and \
+            len(ca.ids) == len(cm.ids) == len(oc.ids):
+        flags = zp.z(a) | zp.z(m)
+    elif role_a == role_m == "contract" and len(ca.ids) == len(cm.ids):
+        both = ~(zp.z(a) | zp.z(m))
+        zp.seen.append(ca.ids[both])
+        zp.seen.append(cm.ids[both])
+    else:
+        for v, role in ((a, role_a), (m, role_m)):
+            c = zp.chans.get(v)
+            if role == "free" and oc is not None and len(c.ids) == len(oc.ids) and \
+                    oc.dim == len(zp.graph.values[out].shape) - (2 if v == a else 1) and flags is None:
+                flags = zp.z(v)
+            elif c is not None:
+                zp.read(v)
+    if bias is not None:
+        bf = zp.aligned([bias], out)[0]
+        if flags is not None:
+            flags = flags & bf if bf is not None else None
+        if bf is None:
+            zp.read(bias)
+    zp.set(out, flags)
+
+
+@zero_rule("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+           "_flash_attention_forward", "_efficient_attention_forward")
+def fused_attention(zp: ZeroPass, node) -> None:
+    """Fused attention with heads on a leading dim of q, k, v and the output (``fused_attention`` in
+    the handlers): head h of the output is softmax(q[h] k[h]^T) v[h], zero where v[h] is. q and k of a
+    head only feed that head's output, so they are not read; other inputs (masks) are."""
+    b = bind(node)
+    q, k, v = (vid(b.get(n)) for n in ("query", "key", "value"))
+    out = node.outputs[0]
+    cs = [zp.chans.get(t) for t in (q, k, v, out)]
+    if any(c is None for c in cs) or len({c.dim for c in cs}) != 1 or len({len(c.ids) for c in cs}) != 1 or \
+            node.index not in _product_nodes(zp):
+        reader(zp, node)
+        return
+    for t in node.tensor_inputs():
+        if t not in (q, k, v):
+            zp.read(t)
+    zp.set(out, zp.z(v))
+
+
+def fold_bias_adds(analysis: ChannelAnalysis) -> None:
+    """``x @ W^T`` followed by a separate ``+ b`` (``F.linear`` on a 3-D input decomposes so, as in
+    ``nn.MultiheadAttention``'s packed input projection): ``b`` becomes ``W``'s bias (group lasso's
+    "alive when the weights or the bias are above the limit") and the sum a zero point of ``W``.
+    Only for a 1-D parameter aligned entry by entry with ``W``'s output channels, added to a value
+    that is already ``W``'s zero point, when ``W`` has no other bias."""
+    graph = analysis.graph
+    owner = {}
+    for name, values in analysis.zero_points.items():
+        if name in analysis.weights:
+            for v in values:
+                owner[v] = name
+    adds = {aten.add.Tensor, aten.add_.Tensor}
+    views = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+    for node in graph.nodes:
+        if isinstance(node.op, LeafOp) or not node.outputs or node.outputs[0] is None:
+            continue
+        if node.op in views:  # [tokens, C] -> [L, N, C]: the last dim keeps its positions
+            x, out = node.tensor_inputs()[0], node.outputs[0]
+            xc, oc = analysis.value_chans.get(x), analysis.value_chans.get(out)
+            if x in owner and xc is not None and oc is not None and np.array_equal(xc.ids, oc.ids) and \
+                    xc.dim == len(graph.values[x].shape) - 1 and oc.dim == len(graph.values[out].shape) - 1:
+                owner[out] = owner[x]
+            continue
+        if node.op not in adds:
+            continue
+        b = bind(node)
+        x, y = vid(b.get("self")), vid(b.get("other"))
+        for lin, bias in ((x, y), (y, x)):
+            weight = owner.get(lin)
+            if weight is None or bias is None or analysis.biases.get(weight) not in (None, _state(graph, bias)):
+                continue
+            if _aligned_bias(analysis, weight, lin, bias, node.outputs[0]):
+                analysis.biases[weight] = _state(graph, bias)
+                analysis.zero_points[weight].append(node.outputs[0])
+                owner[node.outputs[0]] = weight
+                break
+
+
+def _state(graph, v: int) -> str | None:
+    return graph.values[v].state_name
+
+
+def _aligned_bias(analysis: ChannelAnalysis, weight: str, lin: int, bias: int, out: int) -> bool:
+    graph, chans = analysis.graph, analysis.value_chans
+    name = _state(graph, bias)
+    info = analysis.weights[weight]
+    lc, oc = chans.get(lin), chans.get(out)
+    if name is None or name not in graph.parameters or lc is None or oc is None or name in analysis.opaque_states:
+        return False
+    n = len(info.out_ids)
+    if graph.state_shapes.get(name) != (n,) or tuple(graph.values[bias].shape) != (n,) or \
+            lc.dim != len(graph.values[lin].shape) - 1 or oc.dim != len(graph.values[out].shape) - 1:
+        return False
+    slot = analysis.alignments.get((name, 0))
+    return (slot is not None and np.array_equal(lc.ids, info.out_ids) and np.array_equal(oc.ids, info.out_ids)
+            and np.array_equal(analysis.group_of[slot], analysis.group_of[info.out_ids]))
+
+
 __all__ = ["ZERO_RULES", "ZERO_LEAF_RULES", "ZeroPass", "covered_groups", "zero_rule", "zero_rule_module",
-           "reader", "keeps_zero", "other_per_channel"]
+           "reader", "keeps_zero", "other_per_channel",
+           "fold_bias_adds", "view_positions"]

@@ -74,6 +74,10 @@ class SourceGrouping:
         has_source[group] = True
         candidates = has_source & ~analysis.fixed_group & ~analysis.blacklisted_group
         covered = covered_groups(analysis, source.zero_values) if candidates.any() else candidates
+        if analysis.normalized and candidates.any():
+            # prune_normalized=True: removing these is not exact anyway (a LayerNorm's statistics);
+            # the rebuild measures the deviation and says so, whatever else reads them
+            covered[analysis.group_of[np.concatenate(analysis.normalized)]] = True
         regularized = candidates & covered
         if source.combine == "amax":
             _check_no_gates(analysis, source, regularized)

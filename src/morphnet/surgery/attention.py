@@ -157,7 +157,28 @@ def _torchvision_maxvit_attention(module: nn.Module, original: nn.Module) -> Non
 
 # attention classes whose forward cannot run with zero heads (timm's window attention infers the
 # head width with -1): the rebuild keeps one head there
-NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",)
+def _hf_bert_self_attention(module: nn.Module, original: nn.Module) -> None:
+    module.all_head_size = module.query.weight.shape[0]  # (the children's attributes are fixed after this)
+    module.num_attention_heads = module.all_head_size // original.attention_head_size
+
+
+def _hf_vit_attention(module: nn.Module, original: nn.Module) -> None:
+    module.num_attention_heads = module.q_proj.weight.shape[0] // original.head_dim
+
+
+def _hf_llama_attention(module: nn.Module, original: nn.Module) -> None:
+    """Nothing stored: heads are inferred with view(-1, head_dim), and a key / value head goes with all
+    of its query heads, so num_key_value_groups stays."""
+
+
+def _hf_gpt2_attention(module: nn.Module, original: nn.Module) -> None:
+    module.split_size = module.c_attn.weight.shape[1] // 3  # Conv1D: [in, out]; q, k, v split by it
+    module.num_heads = module.split_size // original.head_dim
+
+
+# forwards that cannot run with zero heads (a size inferred with -1, a split by a size of 0)
+NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",
+                "transformers.models.gpt2.modeling_gpt2.GPT2Attention")
 
 
 FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
@@ -166,6 +187,10 @@ FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "torchvision.models.swin_transformer.ShiftedWindowAttention": _torchvision_window_attention,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _torchvision_maxvit_attention,
+    "transformers.models.bert.modeling_bert.BertSelfAttention": _hf_bert_self_attention,
+    "transformers.models.vit.modeling_vit.ViTAttention": _hf_vit_attention,
+    "transformers.models.llama.modeling_llama.LlamaAttention": _hf_llama_attention,
+    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _hf_gpt2_attention,
 }
 assert set(FIXUPS) == set(ATTENTION_MODULES), "every attention module the analysis prunes needs a fix-up"
 
@@ -174,9 +199,15 @@ def _torchvision_vit(module: nn.Module, original: nn.Module) -> None:
     module.hidden_dim = module.conv_proj.weight.shape[0]  # read by its patch reshape
 
 
-# transformer models that store their residual width (pruned only with prune_normalized=True)
+def _hf_conv1d(module: nn.Module, original: nn.Module) -> None:
+    module.nx, module.nf = module.weight.shape  # GPT-2's transposed linear: its forward reshapes to nf
+
+
+# transformer models that store their residual width (pruned only with prune_normalized=True), and
+# layers that store their widths (Hugging Face's Conv1D)
 WIDTH_FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
+    "transformers.pytorch_utils.Conv1D": _hf_conv1d,
 }
 
 

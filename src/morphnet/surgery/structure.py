@@ -243,7 +243,7 @@ def _nonempty_dims(a: ChannelAnalysis):
     for info in a.weights.values():  # the query / key / value projection of an attention module
         parent = info.module.rpartition(".")[0]
         kind = a.graph.module_types.get(parent)
-        if kind is not None and info.module.endswith(".qkv") and any(
+        if kind is not None and info.module.endswith((".qkv", ".c_attn")) and any(
                 f"{k.__module__}.{k.__qualname__}" in NEEDS_A_HEAD for k in kind.__mro__):
             yield parent, info.out_ids
     for (state, dim), ids in a.alignments.items():

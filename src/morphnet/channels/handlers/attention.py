@@ -38,7 +38,17 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: m.head_dim,
     "torchvision.models.swin_transformer.ShiftedWindowAttention":
         lambda m: None if hasattr(m, "logit_scale") else m.qkv.out_features // 3 // m.num_heads,
+    # Hugging Face (transformers >= 5): heads inferred with view(..., -1, head_dim), scaling stored
+    "transformers.models.bert.modeling_bert.BertSelfAttention": lambda m: m.attention_head_size,
+    "transformers.models.vit.modeling_vit.ViTAttention": lambda m: m.head_dim,
+    # grouped-query: repeat_kv ties a key / value head to the query heads that read it (one group)
+    "transformers.models.llama.modeling_llama.LlamaAttention": lambda m: m.head_dim,
+    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": lambda m: None if m.is_cross_attention else m.head_dim,
 }
+
+# attention classes that split their packed q / k / v projection by a size attribute (not ``chunk``),
+# which their rebuild updates: there equal parts of that split keep their channels
+SPLIT_BY_ATTRIBUTE = ("transformers.models.gpt2.modeling_gpt2.GPT2Attention",)
 
 
 def attention_kind(module: nn.Module) -> str | None:
@@ -62,6 +72,13 @@ def split_rule(w: Walker, module: str) -> tuple[str, int | None]:
         return "groups", None
     head_dim = ATTENTION_MODULES[kind](m)
     return ("fixed", None) if head_dim is None else ("heads", head_dim)
+
+
+def split_by_attribute(w: Walker, module: str) -> bool:
+    """``module`` is an attention module of ``SPLIT_BY_ATTRIBUTE`` whose configuration is supported."""
+    m = w.modules.get(module)
+    kind = attention_kind(m) if m is not None else None
+    return kind in SPLIT_BY_ATTRIBUTE and ATTENTION_MODULES[kind](m) is not None
 
 
 def _role(c: Chan | None, contract: int, free: int) -> str | None:

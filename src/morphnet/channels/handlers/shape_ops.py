@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from morphnet.channels.analysis import Chan, ShapeCheck, StateView, Walker, bind, vid
-from morphnet.channels.handlers.attention import split_rule
+from morphnet.channels.handlers.attention import split_by_attribute, split_rule
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 from morphnet.channels.views import (
     map_channel_through_view,
@@ -241,8 +241,8 @@ def _equal_parts(w: Walker, node, x: int, dim: int, c: Chan) -> bool:
     rebuilt model's ``chunk(n)`` cuts at the same place (also checked after the rebuild).
     A ``split`` by a size (a constant in the code) or unequal parts return False.
     """
-    if node.python_op != "chunk":  # split(size) in the code: the size is a constant
-        return False
+    if node.python_op != "chunk" and not split_by_attribute(w, node.module):
+        return False  # split(size) in the code: the size is a constant (unless the rebuild updates it)
     outs = [o for o in node.outputs if o is not None]
     sizes = {w.shape(o)[dim] for o in outs}
     if len(outs) < 2 or len(outs) != len(node.outputs) or len(sizes) != 1 or sizes.pop() * len(outs) != len(c.ids):
