@@ -344,6 +344,17 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: _meta(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
 
 
+def meta_forward(model: nn.Module, inputs: tuple) -> Any:
+    """One forward of ``model`` on meta stand-ins for ``inputs``, parameters and buffers (shapes only).
+
+    Every parameter, buffer and tensor attribute is put back afterwards, also for a module
+    reachable under two names (``functional_call`` alone would leave meta tensors there).
+    """
+    inputs = pytree.tree_map_only(torch.Tensor, _meta, inputs)
+    with _state_restored(model), torch.no_grad():
+        return _forward(model, inputs, _meta_state(model))
+
+
 @contextlib.contextmanager
 def _state_restored(model: nn.Module):
     """Put back every parameter and buffer object if a functional call is interrupted, and plain tensor

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from morphnet.capture import capture_graph
-from morphnet.capture.graph import preserved_state
+from morphnet.capture.graph import meta_forward, preserved_state
 from morphnet.channels.handlers import leaf_types
 from morphnet.surgery.attention import fix_attention
 from morphnet.surgery.structure import Structure, keep_nonempty, resolve
@@ -289,8 +289,5 @@ def _doubled(inputs: tuple) -> tuple:
 
 
 def _run_meta(model: nn.Module, inputs: tuple):
-    """One forward on meta stand-ins (no arithmetic); tied tensors are passed once, under their first name."""
-    meta = {n: torch.empty_like(t, device="meta") for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), _doubled(inputs))
-    with torch.no_grad():
-        return torch.func.functional_call(model, meta, inputs, strict=False)
+    """One forward on meta stand-ins (no arithmetic); every tensor of ``model`` is put back afterwards."""
+    return meta_forward(model, _doubled(inputs))
