@@ -10,7 +10,7 @@ the R-CNN box / mask / keypoint predictors given the original's proposals) with 
 initialized model reports 100) are compared too (``same_detections``) but not required: random
 weights give nearly tied scores, and last-bit differences reorder them.
 
-    python benchmarks/zoo_detection.py [NAME ...] [--size 256] [--out benchmarks/results/zoo_detection.json]
+    python benchmarks/zoo_detection.py [NAME ...] [--size 256] [--quick] [--out benchmarks/results/zoo_detection.json]
 
 ``flops`` (``get_cost()`` with every channel alive) must equal FlopCounterMode's count of the conv
 and linear ops of the same training-mode forward, per image.
@@ -42,6 +42,7 @@ from nets import LAYER_OPS, kill_groups, random_dead_groups  # noqa: E402
 
 MODELS = ("fcos_resnet50_fpn", "retinanet_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
           "fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn")
+QUICK = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")  # 5 s each
 # outputs compared: everything the network computes before data-dependent post-processing (the
 # backbone's features are internal: their channels may be pruned)
 DENSE = ("head", "rpn.head", "rpn", "roi_heads.box_predictor", "roi_heads.mask_predictor",
@@ -162,11 +163,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=list(MODELS), help=f"default: {' '.join(MODELS)}")
     parser.add_argument("--size", type=int, default=256, help="image side before the model's transform")
+    parser.add_argument("--quick", action="store_true", help=f"only the two small ones: {' '.join(QUICK)}")
+    parser.add_argument("--device", choices=["cpu"], default="cpu", help="CPU only (the check needs no GPU)")
     parser.add_argument("--out", default="benchmarks/results/zoo_detection.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for name in args.names:
+    for name in QUICK if args.quick else args.names:
         try:
             rows.append(check(name, args.size))
         except Exception as e:  # report every model
