@@ -40,6 +40,7 @@ _TOKEN_MODELS = ("vit", "deit", "swin", "maxvit", "beit", "mixer", "coat", "levi
 
 
 def input_size(name: str) -> int:
+    name = name.removeprefix("timm:")
     if any(k in name for k in _TOKEN_MODELS):
         return 224
     return 299 if name.startswith("inception") else 64
@@ -103,7 +104,12 @@ def check(name: str, rebuild: bool = True) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BatchNorm nets: group lasso regularizes nothing, costs still count
         start = time.perf_counter()
-        flops = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=0.0)
+        try:
+            flops = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=0.0)
+        except ValueError as e:  # no weight norm reaches a prunable group (weight-standardized convs, gMLP)
+            if "nothing to regularize" not in str(e):
+                raise
+            return nothing_prunable(name, model, x, str(e))
         seconds = time.perf_counter() - start
         size = morphnet.GroupLassoModelSizeRegularizer(model, x, threshold=0.0)
     a = flops.analysis
@@ -115,6 +121,23 @@ def check(name: str, rebuild: bool = True) -> dict:
     row["exact"] = row["flops"] == row["flop_counter"] and row["size"] == row["weights"]
     if rebuild:
         row.update(kill_and_rebuild(model, x))
+    return row
+
+
+def nothing_prunable(name: str, model: torch.nn.Module, x: torch.Tensor, why: str) -> dict:
+    """A model no regularizer can prune: the costs of ``morphnet.compute_cost`` are still checked."""
+    from morphnet.channels import analyze_model
+
+    start = time.perf_counter()
+    a = analyze_model(model, x)
+    seconds = time.perf_counter() - start
+    row = {"model": name, "input": input_size(name), "build_s": round(seconds, 3),
+           "flops": morphnet.compute_cost(model, x, "flops"), "flop_counter": counted_flops(model, x),
+           "size": morphnet.compute_cost(model, x, "size"), "weights": weight_count(model), "prunable_layers": 0,
+           "groups": int(a.num_groups), "fixed_group_fraction": round(float(a.fixed_group.mean()), 3),
+           "source": None, "regularized_groups": 0, "rebuild_exact": True,
+           "rebuild_note": f"nothing regularized: {why}"[:300]}
+    row["exact"] = row["flops"] == row["flop_counter"] and row["size"] == row["weights"]
     return row
 
 

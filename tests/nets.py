@@ -82,10 +82,17 @@ def counted_flops(model: nn.Module, *inputs) -> int:
     was = model.training
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
+    # FlopCounterMode's module tracker fails on a parameter passed straight into a module (PiT's class
+    # token) while it requires grad; the counts do not depend on it
+    needs_grad = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in needs_grad:
+            p.requires_grad_(False)
         with FlopCounterMode(display=False, custom_mapping=FUSED_ATTENTION) as counter, torch.no_grad():
             model(*inputs)
     finally:
+        for p in needs_grad:
+            p.requires_grad_(True)
         torch.backends.mha.set_fastpath_enabled(True)
         model.train(was)
     total = sum(c for op, c in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in LAYER_OPS)

@@ -21,6 +21,7 @@ SCRIPTS = {
     "budgets.py": {"environment", "setting", "table", "morphnet_by_validation", "rows"},
     "latency_fidelity.py": {"environment", "settings", "summary", "rows"},
     "prunable_share.py": {"environment", "skipped", "rows"},
+    "zoo_detection.py": {"torch", "torchvision", "rows"},
 }
 # seconds a script may take in quick mode: 5-20x its time on an idle 2-core box (4-9 s), 2-3x its
 # time on one loaded by five other jobs, so a hang fails fast with the script's output
@@ -232,6 +233,14 @@ def test_zoo_costs_match_flop_counter(quick):
     assert [row["model"] for row in result["rows"]] == ["resnet18", "mobilenet_v2"]
     assert all(row["exact"] for row in result["rows"])
     assert all(row["rebuild_exact"] and row["killed_groups"] > 0 for row in result["rows"])
+
+
+def test_zoo_detection_costs_and_rebuilds_are_exact(quick):
+    result, _ = quick("zoo_detection.py")
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"}
+    assert all(row["flops_exact"] and row["rebuild_exact"] and row["killed_groups"] > 0 for row in rows.values())
+    assert set(rows["fasterrcnn_mobilenet_v3_large_320_fpn"]["rel_error"]) == {"rpn.head", "roi_heads.box_predictor"}
 
 
 def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):

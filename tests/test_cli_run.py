@@ -101,6 +101,18 @@ def test_learn_then_rebuild_then_cost_work_as_they_are(tmp_path, capsys):
     assert {"name", "flops", "size", "channels"} <= set(rows[0])
 
 
+def test_cost_text_table_shows_the_gamma_coverage_of_every_layer(capsys):
+    assert main(["cost", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert main(["cost"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
+    assert lines[header].split()[-1] == "gamma"
+    shown = {line.rsplit(maxsplit=5)[0]: line.split()[-1] for line in lines[header + 1:header + 1 + len(rows)]}
+    assert shown == {row["name"]: row["gamma"] for row in rows}
+    assert {"yes", "no"} <= set(shown.values())
+
+
 def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(tmp_path):
     assert main(["run", "--target-cost", "0.5", "--steps", "400", "--retrain-steps", "20", "--no-baseline",
                  "--out", str(tmp_path), "--quiet"]) == 0

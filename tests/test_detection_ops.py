@@ -54,3 +54,39 @@ def test_analysis_leaves_plain_tensor_attributes_as_found():
     model = CachesAnchors()
     morphnet.GroupLassoFlopsRegularizer(model, torch.randn(1, 3, 4, 4), threshold=0.0, prune_outputs=True)
     assert model.cells[0].device.type == "cpu" and model(torch.randn(1, 3, 4, 4)).shape == (1, 4, 4, 4)
+
+
+class ImageList(nn.Module):
+    """Takes a list of [C, H, W] images and their targets, as torchvision's detection models do; its
+    second BatchNorm sees a 1x1 map, so training mode needs two images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, images, targets=None):
+        assert targets is None or len(targets) == len(images), "one target per image"
+        x = torch.relu(self.bn1(self.conv1(torch.stack(images))))
+        x = torch.relu(self.bn2(self.conv2(nn.functional.adaptive_avg_pool2d(x, 1))))
+        return self.head(x.flatten(1))
+
+
+def test_a_list_of_images_counts_one_example_per_image_and_doubles_images_with_targets():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = ImageList()
+    images = [torch.randn(3, 6, 5)]
+    targets = [{"labels": torch.tensor([1])}]
+    reg = morphnet.GammaFlopsRegularizer(model, (images, targets), gamma_threshold=1e-3)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(images * 4)
+    assert reg.get_cost().item() == counter.get_total_flops() / 4 == 2 * (3 * 9 * 8 * 30 + 8 * 6 + 6 * 2)
+    with torch.no_grad():
+        model.bn1.weight[[0, 5]] = 0
+        model.bn1.bias[[0, 5]] = 0
+    slim = morphnet.apply_structure(model.eval(), reg, (images, targets), keep_weights=True).eval()
+    assert slim.conv1.out_channels == 6
+    with torch.no_grad():
+        assert torch.allclose(slim(images * 3), model(images * 3), atol=1e-6)

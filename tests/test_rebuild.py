@@ -233,6 +233,41 @@ def test_tied_parameters_stay_tied():
     assert slim.b is slim.b2 and slim.b.in_features == slim.b.out_features == 3
 
 
+class SharedEncoding(nn.Module):
+    """A module registered under two names and called once, as CoaT's conv position encodings
+    (``cpe1`` and ``serial_blocks1[0].cpe``); the hidden layer ``fc1`` is prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"pos": self.pos, "fc1": nn.Conv2d(8, 12, 1),
+                                                    "fc2": nn.Conv2d(12, 8, 1)})])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block["pos"](x)
+            x = x + block["fc2"](torch.relu(block["fc1"](x)))
+        return x.mean((2, 3))
+
+
+def test_a_module_under_two_names_keeps_its_weights_in_the_slim_and_the_original_model():
+    model = SharedEncoding().eval()
+    reg = morphnet.GroupLassoFlopsRegularizer(model, X8, threshold=1e-6)
+    with torch.no_grad():
+        model.blocks[0]["fc1"].weight[7:] = 0
+        model.blocks[0]["fc1"].bias[7:] = 0
+        want = model(X8)
+    for structure in (reg, {"blocks.0.fc1": 7}):
+        slim = morphnet.apply_structure(model, structure, X8, keep_weights=True).eval()
+        for m in (model, slim):
+            assert not [n for n, t in m.state_dict().items() if t.is_meta]
+        assert slim.pos is slim.blocks[0]["pos"] and slim.blocks[0]["fc1"].out_channels == 7
+        with torch.no_grad():
+            assert torch.allclose(slim(X8), want, atol=1e-6) and torch.equal(model(X8), want)
+
+
 # ---- regularizers and keep_weights ---------------------------------------------------------------
 
 def test_regularizer_structure_keeps_the_alive_channels_and_their_statistics():

@@ -68,3 +68,13 @@ def test_numbers_and_cost_tables_are_compact():
     table = format_cost_table([{"name": "a", "flops": 2000, "size": 10, "channels": 4},
                                {"name": "b", "flops": 1000, "size": 5, "channels": 8}])
     assert table.splitlines()[-1].split() == ["total", "3k", "15"]
+
+
+def test_cost_table_shows_whether_a_batchnorm_scale_can_prune_each_layer():
+    table = format_cost_table([{"name": "conv", "flops": 2000, "size": 10, "channels": 4, "gamma": "yes"},
+                               {"name": "stem", "flops": 1000, "size": 5, "channels": 8, "gamma": "uncovered"},
+                               {"name": "fc", "flops": 10, "size": 1, "channels": 2, "gamma": "no"}])
+    lines = table.splitlines()
+    assert lines[0].split()[-1] == "gamma"
+    assert [line.split()[-1] for line in lines[1:4]] == ["yes", "uncovered", "no"]
+    assert lines[-1].split() == ["total", "3.01k", "16"]

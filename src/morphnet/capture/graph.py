@@ -344,6 +344,17 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: _meta(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
 
 
+def meta_forward(model: nn.Module, inputs: tuple) -> Any:
+    """One forward of ``model`` on meta stand-ins for ``inputs``, parameters and buffers (shapes only).
+
+    Every parameter, buffer and tensor attribute is put back afterwards, also for a module
+    reachable under two names (``functional_call`` alone would leave meta tensors there).
+    """
+    inputs = pytree.tree_map_only(torch.Tensor, _meta, inputs)
+    with _state_restored(model), torch.no_grad():
+        return _forward(model, inputs, _meta_state(model))
+
+
 @contextlib.contextmanager
 def _state_restored(model: nn.Module):
     """Put back every parameter and buffer object if a functional call is interrupted, and plain tensor
@@ -380,11 +391,35 @@ def _record(model: nn.Module, inputs: tuple, state: dict | None, info: dict, lea
     except ValueError as e:
         if "Expected more than 1 value per channel" not in str(e):
             raise
-        inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
+        inputs = double_batch(inputs)
         graph = Graph(**info)
         _run(model, inputs, graph, state_ids, state, leaf_types)
     graph.eval_modules = _modules_run_in_eval(model, inputs, state)
+    graph.batch_size = examples_in(inputs)
     return graph
+
+
+def examples_in(inputs: tuple) -> int:
+    """How many examples ``inputs`` (positional arguments) hold: the length of a list of tensors
+    given first (torchvision's detection models take one [C, H, W] tensor per image), else the
+    size of dimension 0 of the first tensor (1 for a scalar)."""
+    if inputs and _example_list(inputs[0]):
+        return len(inputs[0])
+    first = next(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))
+    return int(first.shape[0]) if first.dim() else 1
+
+
+def double_batch(inputs: tuple) -> tuple:
+    """``inputs`` with every example twice (BatchNorm cannot train on a single value per channel):
+    every list argument repeated when the examples come as a list (images and their targets),
+    else every tensor concatenated with itself along dimension 0."""
+    if inputs and _example_list(inputs[0]):
+        return tuple(list(v) + list(v) if isinstance(v, list) else v for v in inputs)
+    return pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
+
+
+def _example_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, torch.Tensor) for t in value)
 
 
 def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -> Graph:
@@ -394,9 +429,10 @@ def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -
     costs no arithmetic; models that cannot run on the meta device (data-dependent
     code) are run for real instead (``graph.recorded_on`` says which, and a debug line of the
     ``morphnet.capture.graph`` logger says why). Per-example costs divide by the batch size, the
-    size of dimension 0 of the first example input. If training mode cannot run on
-    that batch (BatchNorm needs more than one value per channel), the inputs are
-    repeated to a batch of two: shapes per example are unchanged. Calls of modules of
+    size of dimension 0 of the first example input, or the length of a list of tensors given as
+    the first argument (one tensor per image, as torchvision's detection models take them). If
+    training mode cannot run on that batch (BatchNorm needs more than one value per channel),
+    every example is repeated (``double_batch``): shapes per example are unchanged. Calls of modules of
     ``leaf_types`` are recorded as single ``LeafOp`` nodes.
     """
     inputs = _as_tuple(example_inputs)
@@ -421,6 +457,4 @@ def capture_graph(model: nn.Module, example_inputs, *, leaf_types: tuple = ()) -
             graph.recorded_on = "real"
         else:
             logger.debug("capture: %s recorded on the meta device", type(model).__name__)
-    first = graph.values[graph.inputs[0]]
-    graph.batch_size = int(first.shape[0]) if first.shape else 1
     return graph

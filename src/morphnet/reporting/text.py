@@ -120,15 +120,23 @@ def format_widths(seed: dict[str, int], learned: dict[str, int], final: dict[str
 
 
 def format_cost_table(rows: list[dict[str, Any]]) -> str:
-    """``morphnet.cost_table`` rows as an aligned table with a total line."""
-    columns = [c for c in ("channels", "flops", "size", "latency_ns") if any(c in r for r in rows)]
+    """``morphnet.cost_table`` rows as an aligned table with a total line.
+
+    Text columns (``gamma``: whether a BatchNorm scale can prune the layer, see ``cost_table``)
+    are printed as they are and have no total."""
+    columns = [c for c in ("channels", "flops", "size", "latency_ns", "gamma") if any(c in r for r in rows)]
     width = max([len(str(r["name"])) for r in rows] + [5])
     lines = [f"{'layer':{width}}" + "".join(f"{c:>14}" for c in columns)]
     for r in rows:
-        lines.append(f"{str(r['name']):{width}}" + "".join(
-            f"{(format_number(r[c]) if c != 'channels' else str(r[c])) if r.get(c) is not None else '-':>14}"
-            for c in columns))
-    totals = {c: sum(r[c] for r in rows if isinstance(r.get(c), (int, float))) for c in columns if c != "channels"}
+        lines.append(f"{str(r['name']):{width}}" + "".join(f"{_cell(c, r.get(c)):>14}" for c in columns))
+    totals = {c: sum(r[c] for r in rows if isinstance(r.get(c), (int, float))) for c in columns
+              if c not in ("channels", "gamma")}
     lines.append(f"{'total':{width}}" + "".join(
-        f"{format_number(totals[c]) if c in totals else '':>14}" for c in columns))
+        f"{format_number(totals[c]) if c in totals else '':>14}" for c in columns).rstrip())
     return "\n".join(lines)
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(value) if column in ("channels", "gamma") else format_number(value)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from morphnet.capture import capture_graph
-from morphnet.capture.graph import preserved_state
+from morphnet.capture.graph import double_batch, meta_forward, preserved_state
 from morphnet.channels.handlers import leaf_types
 from morphnet.surgery.attention import fix_attention
 from morphnet.surgery.structure import Structure, keep_nonempty, resolve
@@ -280,17 +280,12 @@ def _shapes(model: nn.Module, inputs: tuple, training: bool) -> list[tuple[int, 
                 except ValueError as e:
                     if "Expected more than 1 value per channel" not in str(e):
                         raise
-                    out = model(*_doubled(inputs))
+                    out = model(*double_batch(inputs))
     return [tuple(t.shape[1:]) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _doubled(inputs: tuple) -> tuple:
-    return pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() else t, inputs)
 
 
 def _run_meta(model: nn.Module, inputs: tuple):
-    """One forward on meta stand-ins (no arithmetic); tied tensors are passed once, under their first name."""
-    meta = {n: torch.empty_like(t, device="meta") for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), _doubled(inputs))
-    with torch.no_grad():
-        return torch.func.functional_call(model, meta, inputs, strict=False)
+    """One forward on meta stand-ins (no arithmetic); every tensor of ``model`` is put back afterwards."""
+    return meta_forward(model, double_batch(inputs))
