@@ -272,14 +272,20 @@ def calibrate(bench: Bench, first_seed: int) -> None:
             bench.trained(seed, "calibration", width, counts, test=False, width=width)
 
 
-def core(bench: Bench, first_seed: int) -> None:
-    s = bench.s
+def uniform(bench: Bench, first_seed: int) -> None:
+    """The uniform curve alone (the seed and one width multiplier per budget), for every seed: what
+    a recipe phase over new seeds is compared with."""
     full = bench.full_counts()
-    for seed in range(first_seed, first_seed + s.seeds):  # the uniform curve first, for every seed
+    for seed in range(first_seed, first_seed + bench.s.seeds):
         bench.trained(seed, "uniform", None, full, factor=1.0, keep=bench.seed_weights(seed))
-        for budget in s.budgets:
+        for budget in bench.s.budgets:
             factor, counts = bench.scale_to(full, budget)
             bench.trained(seed, "uniform", budget, counts, factor=factor)
+
+
+def core(bench: Bench, first_seed: int) -> None:
+    s = bench.s
+    uniform(bench, first_seed)  # the uniform curve first, for every seed
     # Then the learned arms, most important first across all seeds, so that a run cut short still
     # has whole columns: at-budget, shrink-and-expand from the structures already learned, the
     # extra learning at budget/2 for the smallest budget, and last the expansion to the seed's FLOPs.
@@ -372,7 +378,7 @@ def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
                       learned_at=max(s.budgets), learned_fraction=learned["learned_fraction"])
 
 
-PHASES = {"calibrate": calibrate, "core": core, "ablation": ablation, "finetune": finetune, "recipe": recipe}
+PHASES = {"calibrate": calibrate, "uniform": uniform, "core": core, "ablation": ablation, "finetune": finetune, "recipe": recipe}
 #: The reference each arm is compared with (default: the uniform network at the same budget).
 REFERENCE = {"finetune": "uniform-long"}
 
@@ -463,8 +469,9 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, seed_flops: float) -> None:
-    """Test accuracy against FLOPs (fraction of the seed's), mean ± sd over seeds, one line per arm."""
+def plot(rows: list[dict], path: Path, seed_flops: float, recipe: str | None = None) -> None:
+    """Test accuracy against FLOPs (fraction of the seed's), mean ± sd over seeds, one line per arm;
+    with ``recipe``, that candidate's arms in full colour and the original recipe's faded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -476,17 +483,24 @@ def plot(rows: list[dict], path: Path, seed_flops: float) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"uniform": ("#444444", "o"), "at-budget": ("#1f77b4", "s"), "shrink-expand": ("#2ca02c", "D"),
               "unweighted": ("#d62728", "v"), "expand-full": ("#9467bd", "*")}
-    for arm, (color, marker) in styles.items():
+    lines = [(arm, arm, color, marker, 1.0 if recipe is None or arm == "uniform" else 0.3)
+             for arm, (color, marker) in styles.items()]
+    if recipe:
+        lines += [(f"{arm}:{recipe}", f"{arm}, {recipe}", color, marker, 1.0)
+                  for arm, (color, marker) in styles.items() if arm != "uniform"]
+        lines += [(arm, f"unweighted, {arm.split(':', 1)[1]}", *styles["unweighted"], 1.0)
+                  for arm in sorted({r["arm"] for r in trained}) if arm.startswith("at-budget:gamma-unweighted")]
+    for arm, label, color, marker, alpha in lines:
         levels: dict = {}
         for r in trained:
-            if r["arm"] == arm or (arm == "uniform" and r["arm"] == "uniform"):
+            if r["arm"] == arm:
                 levels.setdefault(r["budget"], []).append(r)
         if not levels:
             continue
         points = sorted((statistics.fmean(r["flops_fraction"] for r in rs), *_stats([r["test"] for r in rs]))
                         for rs in levels.values())
         ax.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
-                    marker=marker, ms=5, capsize=3, lw=1.2, color=color, label=arm)
+                    marker=marker, ms=5, capsize=3, lw=1.2, color=color, label=label, alpha=alpha)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"FLOPs / seed FLOPs ({seed_flops / 1e6:.1f} M), log scale")
     ax.set_ylabel("test accuracy (%)")
@@ -563,7 +577,7 @@ def main() -> None:
                **summary, "rows": rows}
     write_results(out.with_suffix(".json"), payload, trained or None)
     if seed_flops:
-        plot(rows, out.with_suffix(".png"), seed_flops)
+        plot(rows, out.with_suffix(".png"), seed_flops, args.recipe if args.unseal else None)
     print(f"wrote {out.with_suffix('.json')}")
 
 
