@@ -18,7 +18,7 @@ from typing import Sequence
 
 from morphnet.data import DATA_HELP, DataError
 from morphnet.pipeline import files
-from morphnet.pipeline.config import DEFAULT_TARGET_COST, LEGACY_DEFAULTS, RunConfig
+from morphnet.pipeline.config import DEFAULT_TARGET_COST, RunConfig
 from morphnet.pipeline.regularizers import UNITS, regularizer_names
 from morphnet.pipeline.resume import Interrupted
 from morphnet.seeds import SeedError, list_seeds
@@ -176,11 +176,11 @@ def _config(args: argparse.Namespace, saved: dict | None = None) -> RunConfig:
     """A RunConfig from the options given; options left out come from ``saved`` (a run's
     config.json), then from RunConfig's defaults."""
     names = {f.name for f in fields(RunConfig)}
-    values = {k: v for k, v in ({**LEGACY_DEFAULTS, **saved} if saved else {}).items() if k in names}
+    values = {k: v for k, v in (saved or {}).items() if k in names}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     if getattr(args, "no_baseline", False):
         values["baseline"] = False
-    return RunConfig.from_dict(values)
+    return RunConfig.from_saved(values) if saved else RunConfig.from_dict(values)
 
 
 def _location(error: BaseException) -> str:

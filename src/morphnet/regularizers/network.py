@@ -65,7 +65,6 @@ class NetworkRegularizer:
         self.graph = self.analysis.graph
         self.source = self._make_source(model)
         self.grouping = SourceGrouping(self.analysis, self.source)
-        self._fix_sole_groups()
         if not self.grouping.regularized.any():
             if not self.grouping.uncovered.any():
                 raise ValueError(self._no_source_message())
@@ -80,18 +79,6 @@ class NetworkRegularizer:
         self._export = self._export_table()
         self.floor: LayerFloor | None = None
         self.set_min_layer_fraction(min_layer_fraction)
-
-    def _fix_sole_groups(self) -> None:
-        """A group that is the only channel group of some conv / linear layer's output cannot be
-        removed: the rebuild keeps at least one group per layer (here, the whole layer). Penalizing
-        it or counting it dead would make the predicted cost lie (ShuffleNetV2's shuffled stages are
-        one group), so it stays alive and unpenalized, like a fixed group."""
-        regularized = self.grouping.regularized
-        for info in self.analysis.weights.values():
-            groups = np.unique(self.analysis.group_of[info.out_ids])
-            if len(groups) == 1 and regularized[groups[0]]:
-                regularized[groups[0]] = False
-        self.grouping._cache.clear()
 
     # ---- subclass hooks ---------------------------------------------------------------------------
     def _make_source(self, model: nn.Module) -> Source:

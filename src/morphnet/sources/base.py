@@ -78,7 +78,7 @@ class SourceGrouping:
             # prune_normalized=True: removing these is not exact anyway (a LayerNorm's statistics);
             # the rebuild measures the deviation and says so, whatever else reads them
             covered[analysis.group_of[np.concatenate(analysis.normalized)]] = True
-        regularized = candidates & covered
+        regularized = candidates & covered & ~_sole_groups(analysis)
         if source.combine == "amax":
             _check_no_gates(analysis, source, regularized)
         self.regularized = regularized
@@ -106,6 +106,18 @@ class SourceGrouping:
         else:
             reg_g = z.scatter_reduce(0, t["group"], values.to(torch.float64), "amax", include_self=True)
         return alive_g, reg_g * t["regularized"]
+
+
+def _sole_groups(analysis: ChannelAnalysis) -> np.ndarray:
+    """Bool per group: the only channel group of some layer's output. The rebuild keeps at least one
+    group per layer (here, the whole layer), so such a group cannot die: penalizing it or counting it
+    dead would make the predicted cost lie (ShuffleNetV2's shuffled stages are one group)."""
+    sole = np.zeros(analysis.num_groups, dtype=bool)
+    for info in analysis.weights.values():
+        groups = np.unique(analysis.group_of[info.out_ids])
+        if len(groups) == 1:
+            sole[groups[0]] = True
+    return sole
 
 
 def _check_no_gates(analysis: ChannelAnalysis, source: Source, regularized: np.ndarray) -> None:
