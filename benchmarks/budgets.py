@@ -159,8 +159,13 @@ register_regularizer("gamma-sum", "flops",
 #: The ablation of the adopted recipe: the unweighted penalty with the same floor.
 register_regularizer("gamma-unweighted-floor", "flops", lambda model, example, threshold, hardware:
                      UnweightedGammaFlops(model, example, threshold, min_layer_fraction=0.25))
-#: Recipe candidates of phase ``recipe`` (validation split only): --recipe NAME.
-RECIPES = ("gamma-sum", "gamma-floor", "gamma-unweighted", "gamma-unweighted-floor")
+#: Recipe candidate (third session): the adopted floor recipe with the penalty applied as a proximal
+#: soft-threshold step (``morphnet.ProximalStep``: exact zeros, no oscillation under momentum).
+register_regularizer("gamma-floor-prox", "flops", lambda model, example, threshold, hardware:
+                     morphnet.GammaFlopsRegularizer(model, example, gamma_threshold=threshold, min_layer_fraction=0.25))
+#: Recipe candidates of phase ``recipe`` (validation split only): --recipe NAME; a name ending in
+#: ``-prox`` learns with the proximal step.
+RECIPES = ("gamma-sum", "gamma-floor", "gamma-unweighted", "gamma-unweighted-floor", "gamma-floor-prox")
 
 
 class Bench:
@@ -218,7 +223,8 @@ class Bench:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = RunConfig(model=self.s.model, data=self.data.name, regularizer=regularizer, target_cost=budget,
                             threshold=self.s.threshold, steps=steps or self.s.learn_steps,
-                            batch_size=self.s.batch_size, lr=lr or self.s.lr, out=tmp, seed=seed, quiet=True)
+                            batch_size=self.s.batch_size, lr=lr or self.s.lr, out=tmp, seed=seed, quiet=True,
+                            min_layer_fraction=0.0, proximal=regularizer.endswith("-prox"))
             model = model if model is not None else self.new_seed(seed)
             result = learn_structure(cfg, self.ctx, self.data, model.to(self.ctx.device))
         chosen = result.chosen

@@ -15,7 +15,7 @@ from morphnet.monitoring import write_summaries
 from morphnet.regularizers import (
     GammaActivationRegularizer, GammaFlopsRegularizer, GammaLatencyRegularizer, GammaModelSizeRegularizer,
     GroupLassoActivationRegularizer, GroupLassoFlopsRegularizer, GroupLassoLatencyRegularizer,
-    GroupLassoModelSizeRegularizer, NetworkRegularizer,
+    GroupLassoModelSizeRegularizer, NetworkRegularizer, ProximalStep,
 )
 from morphnet.regularizers.logistic_sigmoid import (
     LogisticSigmoidFlopsRegularizer, LogisticSigmoidLatencyRegularizer, LogisticSigmoidModelSizeRegularizer,
@@ -25,7 +25,7 @@ from morphnet.surgery import apply_structure, expand_structure, find_width_multi
 __version__ = "0.1.0"
 
 __all__ = [
-    "UnsupportedGraphError", "NetworkRegularizer",
+    "UnsupportedGraphError", "NetworkRegularizer", "ProximalStep",
     "GammaFlopsRegularizer", "GroupLassoFlopsRegularizer", "GammaModelSizeRegularizer",
     "GroupLassoModelSizeRegularizer", "GammaLatencyRegularizer", "GroupLassoLatencyRegularizer",
     "GammaActivationRegularizer", "GroupLassoActivationRegularizer",

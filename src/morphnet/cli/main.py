@@ -88,6 +88,9 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-layer-fraction", type=float, default=None,
                        help="keep at least this fraction of every layer's channels alive and unpenalized "
                             "(default 0.25; 0 turns the floor off)")
+    group.add_argument("--proximal", action="store_true", default=None,
+                       help="apply the penalty as a soft-threshold step after each optimizer step (exact zeros, "
+                            "no oscillation under momentum) instead of adding it to the loss")
     group.add_argument("--steps", type=_positive_int, default=None, help="structure learning steps (default 1500)")
     group.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (default 64)")
     group.add_argument("--lr", type=float, default=None, help="fixed learning rate of structure learning (default 0.05)")

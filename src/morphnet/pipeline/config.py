@@ -13,7 +13,7 @@ DEFAULT_TARGET_COST = 0.5
 #: (docs/benchmarks.md: it removed the 1-5 channel bottlenecks and the loss at 1/2 of the FLOPs).
 DEFAULT_MIN_LAYER_FRACTION = 0.25
 #: Settings added after runs were saved without them: what those runs did (for resuming them).
-LEGACY_DEFAULTS = {"min_layer_fraction": 0.0}
+LEGACY_DEFAULTS = {"min_layer_fraction": 0.0, "proximal": False}
 #: Fields that do not change what a run computes: a resumed run may set them differently.
 RUNTIME_FIELDS = ("out", "device", "threads", "quiet")
 
@@ -40,6 +40,7 @@ class RunConfig:
     tolerance: float = 0.05
     threshold: float | None = None
     min_layer_fraction: float = DEFAULT_MIN_LAYER_FRACTION
+    proximal: bool = False
     steps: int = 1500
     retrain_steps: int | None = None
     batch_size: int = 64
@@ -105,6 +106,9 @@ class RunConfig:
         if self.finetune and (self.expand_to is not None or self.round_to is not None):
             raise ValueError("--finetune keeps the learned weights, so the widths cannot be scaled: leave out "
                              "--expand-to / --round-to, or retrain from scratch without --finetune")
+        if self.proximal and self.regularizer == "logistic-sigmoid":
+            raise ValueError("--proximal applies the penalty as a soft-threshold step on BatchNorm scales or weight "
+                             "groups: use it with --regularizer gamma or group-lasso, not logistic-sigmoid")
         if self.finetune and self.regularizer != "gamma":
             raise ValueError("--finetune rebuilds from the BatchNorm scales of the learned network: use it with "
                              f"--regularizer gamma (got '{self.regularizer}')")

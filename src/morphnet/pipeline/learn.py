@@ -91,6 +91,7 @@ def learn_structure(
     strength = initial_strength
 
     optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
+    prox = morphnet.ProximalStep(reg) if cfg.proximal else None  # the penalty as a soft-threshold step
     meter = Meter()
     history: list[dict[str, Any]] = []
     last: Candidate | None = None  # fixed strength: the last step's structure (TargetCost keeps its own)
@@ -128,11 +129,17 @@ def learn_structure(
         x, y = next(batches)
         logits = net(x)
         task_loss = F.cross_entropy(logits, y)
-        reg_loss = reg.get_regularization_term()
-        loss = task_loss + strength * reg_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if prox is None:
+            reg_loss = reg.get_regularization_term()
+            loss = task_loss + strength * reg_loss
+            loss.backward()
+            optimizer.step()
+        else:
+            task_loss.backward()
+            optimizer.step()
+            reg_loss = prox.step(strength, optimizer)
+            loss = task_loss.detach() + strength * reg_loss
         meter.add(loss=loss.detach(), task_loss=task_loss.detach(), reg_loss=reg_loss.detach(),
                   correct=(logits.argmax(1) == y).sum(), count=len(y))
         if progress is not None:

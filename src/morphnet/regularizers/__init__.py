@@ -5,9 +5,10 @@ from morphnet.regularizers.network import (
     GroupLassoActivationRegularizer, GroupLassoFlopsRegularizer, GroupLassoLatencyRegularizer,
     GroupLassoModelSizeRegularizer, NetworkRegularizer,
 )
+from morphnet.regularizers.proximal import ProximalStep
 
 __all__ = [
-    "NetworkRegularizer", "GammaFlopsRegularizer", "GroupLassoFlopsRegularizer", "GammaModelSizeRegularizer",
+    "NetworkRegularizer", "ProximalStep", "GammaFlopsRegularizer", "GroupLassoFlopsRegularizer", "GammaModelSizeRegularizer",
     "GroupLassoModelSizeRegularizer", "GammaLatencyRegularizer", "GroupLassoLatencyRegularizer",
     "GammaActivationRegularizer", "GroupLassoActivationRegularizer",
 ]
