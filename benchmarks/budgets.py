@@ -357,6 +357,42 @@ def finetune(bench: Bench, first_seed: int) -> None:
             bench.trained(seed, "uniform-long", budget, counts, steps=s.steps + 2 * quarter, factor=factor)
 
 
+def finetune_gentle(bench: Bench, first_seed: int) -> None:
+    """Prune and fine-tune, second schedule (third session): the first one collapsed the trained
+    seed (one seed's validation: accuracy at chance within 250 learning steps, 15.5% after learning,
+    25% after fine-tuning). From the trained 1x seed (retrained here as the uniform phase trains it
+    when its weights are not at hand), learn for half the from-scratch steps at lr / 5 with the
+    adopted floor recipe, rebuild with ``keep_weights=True`` and fine-tune for another half at lr / 5.
+    Reference ``uniform-long-2x``: the uniform network at the same FLOPs trained from scratch for the
+    same total steps (seed training + learning + fine-tuning = 2x)."""
+    s = bench.s
+    full = bench.full_counts()
+    half, lr = max(1, s.steps // 2), s.lr / 5
+    for seed in range(first_seed, first_seed + s.seeds):
+        weights = bench.seed_weights(seed)
+        if not weights.exists():
+            bench.trained(seed, "seed-for-finetune", None, full, factor=1.0, keep=weights)
+        for budget in s.budgets:
+            if bench.done(seed, "finetune-gentle", budget) is None:
+                model = bench.new_seed(seed)
+                model.load_state_dict(torch.load(weights, map_location="cpu"))
+                bench.learn(seed, budget, "gamma-floor", model=model, steps=half, lr=lr,
+                            arm="learn-trained:gamma-floor")
+                reg = morphnet.GammaFlopsRegularizer(model, bench.example.to(bench.ctx.device),
+                                                     gamma_threshold=s.threshold, min_layer_fraction=0.25)
+                learned_val = evaluate(model, bench.data.test, bench.ctx.device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    slim = morphnet.apply_structure(model, reg, bench.example, keep_weights=True)
+                counts = morphnet.StructureExporter(reg).get_alive_counts()
+                bench.trained(seed, "finetune-gentle", budget, counts, model=slim, steps=half, lr=lr,
+                              total_steps=s.steps + 2 * half, learned_val=learned_val,
+                              rebuilt_val=evaluate(slim, bench.data.test, bench.ctx.device))
+            fraction = bench.done(seed, "finetune-gentle", budget)["flops_fraction"]
+            factor, counts = bench.scale_to(full, fraction)
+            bench.trained(seed, "uniform-long-2x", budget, counts, steps=s.steps + 2 * half, factor=factor)
+
+
 def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
     """A recipe candidate, chosen or rejected on the validation split: structures learned with
     regularizer ``name`` at every budget, used at the budget and, from the structure learned at half
@@ -384,9 +420,10 @@ def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
                       learned_at=max(s.budgets), learned_fraction=learned["learned_fraction"])
 
 
-PHASES = {"calibrate": calibrate, "uniform": uniform, "core": core, "ablation": ablation, "finetune": finetune, "recipe": recipe}
+PHASES = {"calibrate": calibrate, "uniform": uniform, "core": core, "ablation": ablation, "finetune": finetune,
+          "finetune-gentle": finetune_gentle, "recipe": recipe}
 #: The reference each arm is compared with (default: the uniform network at the same budget).
-REFERENCE = {"finetune": "uniform-long"}
+REFERENCE = {"finetune": "uniform-long", "finetune-gentle": "uniform-long-2x"}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
