@@ -393,6 +393,27 @@ def finetune_gentle(bench: Bench, first_seed: int) -> None:
             bench.trained(seed, "uniform-long-2x", budget, counts, steps=s.steps + 2 * half, factor=factor)
 
 
+#: Phase ``long``: the floor recipe's arm picked by validation at each budget (10-seed table).
+LONG_PICKS = {1 / 8: ("at-budget", 1 / 8), 1 / 4: ("at-budget", 1 / 4), 1 / 2: ("shrink-expand", 1 / 4)}
+
+
+def long(bench: Bench, first_seed: int) -> None:
+    """Retraining length: every network trained twice as long (uniform and the floor recipe's pick by
+    validation), the structures those of the recipe round (``learn:gamma-floor`` rows, learned
+    again when absent). Does the gap to the width multiplier hold, and do seeds agree better?"""
+    s = bench.s
+    full, steps = bench.full_counts(), 2 * s.steps
+    for seed in range(first_seed, first_seed + s.seeds):
+        for budget in s.budgets:
+            factor, counts = bench.scale_to(full, budget)
+            bench.trained(seed, "uniform-2x", budget, counts, steps=steps, factor=factor)
+            arm, learned_at = LONG_PICKS.get(budget, ("at-budget", budget))
+            learned = bench.learn(seed, learned_at, "gamma-floor")
+            factor, counts = bench.scale_to(learned["counts"], budget)
+            bench.trained(seed, f"{arm}-2x:gamma-floor", budget, counts, steps=steps, factor=factor,
+                          learned_at=learned_at, learned_fraction=learned["learned_fraction"])
+
+
 def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
     """A recipe candidate, chosen or rejected on the validation split: structures learned with
     regularizer ``name`` at every budget, used at the budget and, from the structure learned at half
@@ -421,9 +442,10 @@ def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum") -> None:
 
 
 PHASES = {"calibrate": calibrate, "uniform": uniform, "core": core, "ablation": ablation, "finetune": finetune,
-          "finetune-gentle": finetune_gentle, "recipe": recipe}
+          "finetune-gentle": finetune_gentle, "recipe": recipe, "long": long}
 #: The reference each arm is compared with (default: the uniform network at the same budget).
-REFERENCE = {"finetune": "uniform-long", "finetune-gentle": "uniform-long-2x"}
+REFERENCE = {"finetune": "uniform-long", "finetune-gentle": "uniform-long-2x", "at-budget-2x:gamma-floor": "uniform-2x",
+             "shrink-expand-2x:gamma-floor": "uniform-2x"}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

@@ -189,17 +189,18 @@ def test_budgets_phases_resume_compare_and_combine(quick, tmp_path):
     lines = (folder / "result.jsonl").read_text().splitlines()
     phase("--phase", "core")
     assert (folder / "result.jsonl").read_text().splitlines() == lines  # resumed: nothing trained again
-    for name in ("calibrate", "ablation", "finetune", "finetune-gentle"):
+    for name in ("calibrate", "ablation", "finetune", "finetune-gentle", "long"):
         phase("--phase", name)
     rows = [json.loads(line) for line in (folder / "result.jsonl").read_text().splitlines()]
     assert {"calibration", "unweighted", "finetune", "uniform-long", "finetune-gentle",
-            "uniform-long-2x"} <= {r["arm"] for r in rows}
+            "uniform-long-2x", "uniform-2x", "at-budget-2x:gamma-floor"} <= {r["arm"] for r in rows}
     assert all("test" not in r for r in rows if r["arm"] == "calibration")
     gentle = next(r for r in rows if r["arm"] == "finetune-gentle")
     assert gentle["total_steps"] == 2 * 10 and {"learned_val", "rebuilt_val"} <= set(gentle)
     combined = json.loads(prefix.with_suffix(".json").read_text())
     assert {(t["arm"], t["reference"]) for t in combined["table"]} >= {("finetune", "uniform-long"),
                                                                       ("finetune-gentle", "uniform-long-2x"),
+                                                                      ("at-budget-2x:gamma-floor", "uniform-2x"),
                                                                       ("unweighted", "uniform")}
     # a recipe candidate's test scores stay sealed (out of the table) until --unseal, after the choice
     phase("--phase", "recipe", "--recipe", "gamma-floor")
