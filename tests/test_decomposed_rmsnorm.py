@@ -147,7 +147,8 @@ def test_a_rebuild_that_removes_normalized_channels_differs_only_by_the_statisti
         slim = morphnet.apply_structure(model, reg, x, keep_weights=True).eval()
     assert counted_flops(slim, x) == reg.get_cost().item() < counted_flops(model, x)
     width = slim.embed.out_features
-    assert width == 16 - int(dead[_residual(reg)].sum()) and slim.norm1.weight.shape == slim.norm2.weight.shape == (width,)
+    assert width == 16 - int(dead[_residual(reg)].sum())
+    assert slim.norm1.weight.shape == slim.norm2.weight.shape == (width,)
     for norm in (slim.norm1, slim.norm2):
         norm.divisor = 16
     with torch.no_grad():
@@ -216,3 +217,31 @@ def test_hf_llama_rebuilt_without_some_residual_channels_runs_generates_and_diff
     with torch.no_grad():
         want, got = model(x).logits, slim(x).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_a_token_embedding_carries_its_columns_but_proves_nothing_dead_without_prune_normalized():
+    class Tokens(nn.Module):
+        def __init__(self, norm: bool):
+            super().__init__()
+            self.embed = nn.Embedding(10, 16)
+            self.proj = nn.Linear(16, 16)
+            self.norm = RMS(16) if norm else nn.Identity()
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, t):
+            h = self.embed(t)
+            return self.head(self.norm(h + self.proj(torch.relu(h))))
+
+    torch.manual_seed(0)
+    t = torch.randint(0, 10, (2, 5))
+    for norm in (False, True):
+        model = Tokens(norm).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reg = morphnet.GroupLassoFlopsRegularizer(model, t, threshold=1e-6, prune_normalized=True)
+        a = reg.analysis
+        residual = a.group_of[a.weights["proj.weight"].out_ids]
+        assert np.array_equal(a.group_of[a.alignments[("embed.weight", 1)]], residual)
+        # the embedding is no source: its columns keep the residual non-zero, so only prune_normalized's
+        # normalized channels are regularized, and the rebuild then says it is not exact
+        assert reg.grouping.regularized[residual].all() == norm and reg.grouping.uncovered[residual].all() != norm
