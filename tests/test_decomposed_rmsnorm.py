@@ -35,6 +35,9 @@ class RMS(nn.Module):
             return self.weight * (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.divisor + EPS))
         if v == "torch":  # on CPU its aten op decomposes into the chain below (add_ for + eps)
             return nn.functional.rms_norm(h, (h.shape[-1],), self.weight, EPS)
+        if v == "t5":  # T5LayerNorm: the statistic in float32, the product with x itself
+            var = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return self.weight * (h * torch.rsqrt(var + EPS)).to(h.dtype)
         hf = h.to(torch.float32)
         square = hf * hf if v == "square" else hf.pow(2)
         if v == "tokens":  # the statistic over tokens and channels
@@ -43,7 +46,8 @@ class RMS(nn.Module):
             var = square.sum(-1, keepdim=True)
         else:
             var = square.mean(-1, keepdim=True)
-        out = self.weight * (hf * torch.rsqrt(var + EPS)).to(h.dtype)
+        y = torch.relu(hf) if v == "other" else hf  # "other": the statistic of x scales another tensor
+        out = self.weight * (y * torch.rsqrt(var + EPS)).to(h.dtype)
         if v == "leak":  # the statistic also read outside the normalization
             out = out + var
         return out
@@ -95,7 +99,17 @@ def test_the_residual_width_is_fixed_by_default_and_prunable_with_prune_normaliz
     assert normalized.get_cost().item() == exact.get_cost().item() == counted_flops(model, x)
 
 
-@pytest.mark.parametrize("variant", ["tokens", "sum", "leak"])
+@pytest.mark.parametrize("variant", ["llama", "t5"])
+def test_in_half_precision_the_dtype_copies_around_the_statistic_are_followed(variant):
+    torch.manual_seed(0)
+    model, x = Net(variant).to(torch.bfloat16).eval(), torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    exact, normalized = _regs(model, x)
+    assert any(n.name == "aten._to_copy.default" for n in normalized.analysis.graph.nodes if n.module == "norm1")
+    assert exact.analysis.fixed_group[_residual(exact)].all()
+    assert normalized.grouping.regularized[_residual(normalized)].all()
+
+
+@pytest.mark.parametrize("variant", ["tokens", "sum", "leak", "other"])
 def test_a_reduction_over_channels_that_is_not_the_rmsnorm_statistic_keeps_them_fixed(variant):
     torch.manual_seed(0)
     model, x = Net(variant).eval(), torch.randn(2, 5, 8)
