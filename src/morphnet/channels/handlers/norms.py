@@ -85,6 +85,7 @@ def normalized(w: Walker, ids: np.ndarray) -> None:
 
 
 _COPY_OPS = (aten._to_copy.default, aten.clone.default)
+_ADD_OPS = (aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar)  # + eps (torch's own RMSNorm: add_)
 
 
 def _op(w: Walker, node_index: int | None):
@@ -120,7 +121,8 @@ def _number(x) -> bool:
 
 def decomposed_rms_norm(w: Walker, node) -> bool:
     """Whether ``node``, a reduction over the channel dim, is the statistic of an RMSNorm written out in
-    Python (Hugging Face's LlamaRMSNorm / T5LayerNorm, Mistral's, Qwen2's):
+    Python (Hugging Face's LlamaRMSNorm / T5LayerNorm, Mistral's, Qwen2's; ``nn.RMSNorm`` over one dim, which
+    the CPU dispatcher decomposes so):
     ``x * rsqrt(mean(x ** 2 or x * x, channel dim, keepdim=True) + eps)``.
 
     Only that exact chain counts: the square read only by the mean, over the channel dim alone,
@@ -157,7 +159,7 @@ def decomposed_rms_norm(w: Walker, node) -> bool:
     if x is None or xc is None or xc.dim != c.dim or not np.array_equal(xc.ids, c.ids):
         return False
     plus = _only_consumer(w, node.outputs[0])  # mean + eps
-    if plus is None or plus.op is not aten.add.Tensor:
+    if plus is None or plus.op not in _ADD_OPS:
         return False
     pb = bind(plus)
     if vid(pb["self"]) != node.outputs[0] or not _number(pb["other"]) or not _number(pb.get("alpha", 1)):
