@@ -4,7 +4,7 @@ For each model, with the public API: share = 1 - cost(every regularized group de
 cost(every group alive), both from ``GroupLassoFlopsRegularizer.get_cost()`` (FLOPs,
 attention matmuls included), with the threshold at infinity (every regularized group dead)
 and at 0 (every group alive); ``prunable_flop_share_normalized`` is the same with
-``prune_normalized=True`` (LayerNorm'd residual widths prunable too, not function-preserving
+``prune_normalized=True`` (LayerNorm'd or RMSNorm'd residual widths prunable too, not function-preserving
 on rebuild); ``prunable_flop_share_gamma`` with ``GammaFlopsRegularizer`` (BatchNorm scales as
 the evidence; None for a model without BatchNorm), since group lasso proves nothing for channels
 read through a BatchNorm. Also recorded: the fraction of channel groups kept fixed,

@@ -203,11 +203,28 @@ def _hf_conv1d(module: nn.Module, original: nn.Module) -> None:
     module.nx, module.nf = module.weight.shape  # GPT-2's transposed linear: its forward reshapes to nf
 
 
+def _hf_llama_model(module: nn.Module, original: nn.Module) -> None:
+    """The residual width (pruned only with prune_normalized=True) in the rebuilt copy's own config, which
+    its layers share (the original's is untouched); per-layer widths have no place in a config."""
+    module.config.hidden_size = module.embed_tokens.weight.shape[1]
+
+
+def _hf_llama_decoder_layer(module: nn.Module, original: nn.Module) -> None:
+    module.hidden_size = module.input_layernorm.weight.shape[0]  # informational: forward does not read it
+
+
+def _hf_llama_mlp(module: nn.Module, original: nn.Module) -> None:
+    module.intermediate_size, module.hidden_size = module.gate_proj.weight.shape  # informational too
+
+
 # transformer models that store their residual width (pruned only with prune_normalized=True), and
-# layers that store their widths (Hugging Face's Conv1D)
+# layers that store their widths (Hugging Face's Conv1D, Llama's blocks)
 WIDTH_FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
     "transformers.pytorch_utils.Conv1D": _hf_conv1d,
+    "transformers.models.llama.modeling_llama.LlamaModel": _hf_llama_model,
+    "transformers.models.llama.modeling_llama.LlamaDecoderLayer": _hf_llama_decoder_layer,
+    "transformers.models.llama.modeling_llama.LlamaMLP": _hf_llama_mlp,
 }
 
 

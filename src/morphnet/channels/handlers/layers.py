@@ -193,3 +193,18 @@ def opaque(w: Walker, node) -> None:
     for o in node.outputs:
         w.derive(o, *node.tensor_inputs())
     _record_data(w, node, _io(node))
+
+
+@handles(*_ops("embedding"))
+def embedding(w: Walker, node) -> None:
+    """A lookup table ``weight[indices]``: the output's last dim is the table's dim 1, entry by entry, so
+    it carries the table's column channels (a transformer's token embedding starts its residual width).
+    A table that is not a plain parameter (computed, or a view that moves dim 1) gives no channels."""
+    b = bind(node)
+    wt, idx, out = vid(b["weight"]), vid(b["indices"]), node.outputs[0]
+    if w.chan(wt) is not None or w.chan(idx) is not None:
+        raise w.unsupported("the lookup table or the indices carry prunable channels")
+    sv = w.state_view(wt)
+    if sv is not None and len(w.shape(wt)) == 2 and sv.dims[1] is not None and len(w.shape(out)) >= 1:
+        w.set_chan(out, Chan(len(w.shape(out)) - 1, w.slot(sv.name, sv.dims[1])))
+    w.derive(out, wt)

@@ -6,6 +6,7 @@ import re
 
 from morphnet.channels.analysis import Chan, Walker, bind
 from morphnet.channels.handlers.elementwise import pointwise
+from morphnet.channels.handlers.norms import decomposed_rms_norm
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 
 
@@ -13,7 +14,8 @@ from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, h
                "logsumexp", "prod", "any", "all", "argmax", "argmin", "var_mean", "std_mean", "nansum",
                "count_nonzero"))
 def reduction(w: Walker, node) -> None:
-    """Reducing over spatial / token dims keeps channels; reducing over channels fixes them."""
+    """Reducing over spatial / token dims keeps channels; reducing over channels fixes them, unless it is
+    the statistic of an RMSNorm written out in Python (then as the fused ``rms_norm``: see ``norms.py``)."""
     ins = node.tensor_inputs()
     x = ins[0]
     rank = len(w.shape(x))
@@ -34,7 +36,10 @@ def reduction(w: Walker, node) -> None:
             w.set_chan(o, Chan(c.dim if keepdim else c.dim - sum(1 for d in reduced if d < c.dim), c.ids))
         w.derive(o, x)
     if c is not None and c.dim in reduced:
-        w.fix(x)
+        if w.prune_normalized and decomposed_rms_norm(w, node):
+            w.normalized.append(c.ids)  # prunable, not exact: the rebuild measures and reports the deviation
+        else:
+            w.fix(x)
     _record_data(w, node, _io(node))
 
 
