@@ -33,6 +33,8 @@ from morphnet.pipeline.resume import Checkpointer, Interrupted, RunState, gather
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
 from morphnet.reporting import format_number, format_summary, format_widths, write_report
 from morphnet.seeds import create_seed
+from morphnet.seeds.registry import takes_image_size
+from morphnet.surgery.attention import head_counts
 
 #: In target-cost mode a learned structure further than this from the target is corrected with a
 #: uniform width multiplier (the controller usually lands closer; this only trims the residual).
@@ -78,10 +80,13 @@ def fixed_input_size(model: nn.Module) -> int | None:
 def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[str, Any]]:
     """Load ``cfg.data`` and check that ``cfg.model`` runs on it; return the data and the extra
     arguments of ``create_seed``. A model with a fixed input size (timm ViT: ``img_size``) gets
-    the data resized to that size, or is built for ``--image-size`` when given (timm only).
+    the data resized to that size, or is built for ``--image-size`` when given (timm only); a
+    built-in seed with an ``image_size`` parameter (``vit_tiny``) is built for the data's size.
     Anything else that does not fit ends in one ``ValueError`` that names the option to change."""
     data = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
     kwargs: dict[str, Any] = {}
+    if takes_image_size(cfg.model):  # e.g. vit_tiny: built for the data's size (its position embedding)
+        kwargs["image_size"] = data.input_shape[-1]
 
     def build() -> nn.Module:
         torch.manual_seed(cfg.seed)
@@ -348,6 +353,62 @@ def layer_table(seed: nn.Module, slim: nn.Module | None, learned: dict[str, int]
     return table
 
 
+def _block_of(module: str, attention: list[str], regularized: list[str]) -> tuple[str, list[str]]:
+    """The block of attention ``module``: its closest ancestor that holds a regularized layer outside
+    the module (the MLP of a ViT / BERT block), without holding another attention module; and
+    those layers. (The parent and no layers when there is none.)"""
+
+    def inside(name: str, outer: str) -> bool:
+        return outer == "" or name.startswith(outer + ".")
+
+    parts = module.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        block = ".".join(parts[:depth])
+        if any(inside(other, block) for other in attention if other != module):
+            break
+        layers = [n for n in regularized if inside(n, block) and n != module and not inside(n, module)]
+        if layers:
+            return block, layers
+    return ".".join(parts[:-1]), []
+
+
+def attention_table(seed: nn.Module, learned: nn.Module | None, slim: nn.Module | None, seed_widths: dict[str, int],
+                    learned_counts: dict[str, int], slim_counts: dict[str, int] | None) -> list[dict]:
+    """Per attention module (any module with a head count, see ``morphnet.surgery.attention.head_counts``):
+    its block, head width, seed / learned / slim head counts and the widths of the block's other
+    regularized layers (its MLP). The counts are read from the models themselves (the seed, the
+    learned structure rebuilt, the slim model). Empty for a model without attention."""
+    seed_heads = head_counts(seed)
+    if not seed_heads:
+        return []
+    learned_heads = head_counts(learned) if learned is not None else {}
+    slim_heads = head_counts(slim) if slim is not None else {}
+    table = []
+    for module, (heads, head_dim) in seed_heads.items():
+        block, layers = _block_of(module, list(seed_heads), list(seed_widths))
+        table.append({
+            "module": module, "block": block, "head_dim": head_dim, "seed": heads,
+            "learned": learned_heads.get(module, (None,))[0], "slim": slim_heads.get(module, (None,))[0],
+            "mlp": [{"name": name[len(block) + 1:] if block else name, "seed": seed_widths[name],
+                     "learned": learned_counts.get(name, seed_widths[name]),
+                     "slim": None if slim_counts is None else slim_counts.get(name, seed_widths[name])}
+                    for name in layers],
+        })
+    return table
+
+
+def _learned_model(seed: nn.Module, counts: dict[str, int], example: torch.Tensor,
+                   slim: nn.Module | None = None, slim_counts: dict[str, int] | None = None) -> nn.Module | None:
+    """The seed rebuilt with the learned ``counts`` (the slim model when it has them), for reading its
+    head counts; None for a model without attention (nothing to read, so nothing rebuilt)."""
+    if not head_counts(seed):
+        return None
+    if slim is not None and slim_counts == counts:
+        return slim
+    with torch.random.fork_rng(devices=[]):  # its fresh weights must not shift the run's random stream
+        return morphnet.apply_structure(seed, counts, example)
+
+
 def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, learned_cost: float | None,
                   seed_cost: float, target_cost: float | None) -> tuple[Rebuilt, float]:
     """Rebuild with ``counts``; expand to ``--expand-to`` or, in target-cost mode, trim the
@@ -513,8 +574,11 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
                                                seed_cost=result.seed_cost, target_cost=result.target_cost)
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
-        summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model),
-                                        rebuilt.counts if cfg.finetune else result.chosen.counts, session.example)
+        learned_counts = rebuilt.counts if cfg.finetune else result.chosen.counts
+        summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model), learned_counts, session.example)
+        summary["attention"] = attention_table(
+            seed, _learned_model(seed, learned_counts, session.example, rebuilt.model, rebuilt.counts), rebuilt.model,
+            result.seed_widths, learned_counts, rebuilt.counts)
         summary["seconds"]["rebuild"] = time.perf_counter() - start
         summary["slim"] = {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
                            "width_multiplier": rebuilt.width_multiplier, "dir": files.SLIM,
@@ -560,6 +624,8 @@ def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False)
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
         summary["layers"] = layer_table(seed, None, result.chosen.counts, session.example)
+        summary["attention"] = attention_table(seed, _learned_model(seed, result.chosen.counts, session.example), None,
+                                               result.seed_widths, result.chosen.counts, None)
         return finish(session, summary, {"learn": result.history})
     finally:
         session.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 from morphnet.export import atomic_write
 from morphnet.reporting.plots import plot_accuracy, plot_cost, plot_widths
-from morphnet.reporting.text import format_number, load_snippet, reduction_line
+from morphnet.reporting.text import attention_stage, attention_rows, format_number, load_snippet, reduction_line
 
 
 def _img(path: Path, alt: str) -> str:
@@ -54,6 +54,19 @@ def _layers(summary: dict) -> str:
     final = slim.get("widths", learned["widths"])
     return _table(["layer", "seed", "learned", "slim"],
                   [[n, w, learned["widths"].get(n, w), final.get(n, w)] for n, w in seed["widths"].items()])
+
+
+def _attention(summary: dict) -> str:
+    """The per-block attention table (heads seed -> learned -> slim, head width, MLP widths); empty
+    for a model without attention."""
+    rows = attention_rows(summary)
+    if not rows:
+        return ""
+    stage = attention_stage(summary)
+    table = _table(["block", "attention module", f"heads (seed -> {stage})", "head width", f"MLP widths (seed -> {stage})"],
+                   [[r["block"], r["module"], r["heads"], r["head_dim"], r["mlp"]] for r in rows])
+    return ("<h2>Attention heads per block</h2><p>Head counts read from the seed, the learned structure rebuilt "
+            "and the slim model; '(learned N)' where the width multiplier changed the learned count.</p>" + table)
 
 
 def _other_slim_models(run_dir: Path, own: str | None) -> str:
@@ -128,6 +141,7 @@ The slim network was rebuilt with these widths and retrained from scratch with t
 {f'<p>{html.escape(reduction)}</p>' if reduction else ''}
 <h2>Time per stage</h2>
 {timings}
+{_attention(summary)}
 <h2>Layers</h2>
 {_layers(summary)}
 <h2>Learning curves and widths</h2>

@@ -94,6 +94,8 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
             lines.append(f"{name} network: {part['training']}")
     if reduction_line(summary):
         lines.append(reduction_line(summary))
+    if format_attention(summary):
+        lines += format_attention(summary).split("\n")
     run_dir = Path(run_dir)
     lines.append(f"structure: {run_dir / learned['structure_file']}")
     if slim:
@@ -103,6 +105,49 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     lines.append(f"report: {run_dir / 'report.html'} (rebuild it with `morphnet report {run_dir}`)")
     lines += [f"warning: {note}" for note in summary.get("warnings", [])]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _change(seed: int, learned: int | None, slim: int | None) -> str:
+    """'4 -> 2': seed -> slim (seed -> learned without a slim model), with '(learned 3)' added when
+    the slim model's width multiplier moved the count away from the learned one."""
+    final = slim if slim is not None else learned
+    text = str(seed) if final is None else f"{seed} -> {final}"
+    if slim is not None and learned is not None and learned != slim:
+        text += f" (learned {learned})"
+    return text
+
+
+def attention_stage(summary: dict[str, Any]) -> str:
+    """What the attention rows compare the seed with: 'slim', or 'learned' when the run has no slim model."""
+    return "slim" if any(e.get("slim") is not None for e in summary.get("attention") or []) else "learned"
+
+
+def attention_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """summary['attention'] as display strings: block, module, heads and MLP widths (seed -> slim, or
+    seed -> learned without a slim model), head width."""
+    rows = []
+    for entry in summary.get("attention") or []:
+        mlp = ", ".join(f"{layer['name']} {_change(layer['seed'], layer['learned'], layer['slim'])}"
+                        for layer in entry["mlp"])
+        rows.append({"block": entry["block"] or entry["module"], "module": entry["module"],
+                     "heads": _change(entry["seed"], entry["learned"], entry["slim"]),
+                     "head_dim": "-" if entry["head_dim"] is None else str(entry["head_dim"]), "mlp": mlp or "-"})
+    return rows
+
+
+def format_attention(summary: dict[str, Any]) -> str:
+    """Per attention block: heads (seed -> slim), head width and the block's MLP widths, e.g.
+    ``encoder.layers.encoder_layer_3  heads 4 -> 2, head width 16, mlp.0 256 -> 97``.
+    Empty for a model without attention."""
+    rows = attention_rows(summary)
+    if not rows:
+        return ""
+    width = max(len(r["block"]) for r in rows)
+    lines = [f"attention heads per block (seed -> {attention_stage(summary)}):"]
+    for r in rows:
+        lines.append(f"  {r['block']:{width}}  heads {r['heads']}, head width {r['head_dim']}"
+                     + (f", {r['mlp']}" if r["mlp"] != "-" else ""))
+    return "\n".join(lines)
 
 
 def format_widths(seed: dict[str, int], learned: dict[str, int], final: dict[str, int] | None = None) -> str:

@@ -41,6 +41,16 @@ def _call_with_supported(factory: Callable[..., nn.Module], kwargs: dict) -> nn.
     return factory(**{k: v for k, v in kwargs.items() if k in params})
 
 
+def takes_image_size(name: str) -> bool:
+    """Whether the built-in seed ``name`` has an ``image_size`` parameter (``vit_tiny``): such seeds
+    are built for the data's size."""
+    factory = _SEEDS.get(name)
+    try:
+        return factory is not None and "image_size" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _load_factory(target: str, name: str) -> Callable[..., nn.Module]:
     module_name, _, attr = target.rpartition(":")
     try:

@@ -39,11 +39,16 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         n, length, source = query.shape[0], query.shape[1], key.shape[1]
         h, d = self.num_heads, self.head_dim
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, w_q, b_q).view(n, length, h, d).transpose(1, 2)
-        k = F.linear(key, w_k, b_k).view(n, source, h, d).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(n, source, h, d).transpose(1, 2)
+        if query is key and key is value:  # self-attention: one product with the packed weight, as the
+            # seed's forward does, so analysing the slim model sees (and counts) its input projection
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        q = q.reshape(n, length, h, d).transpose(1, 2)
+        k = k.reshape(n, source, h, d).transpose(1, 2)
+        v = v.reshape(n, source, h, d).transpose(1, 2)
         attn = (q * d ** -0.5) @ k.transpose(-2, -1)
         if attn_mask is None and is_causal:
             attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
@@ -241,3 +246,44 @@ def fix_attention(module: nn.Module, original: nn.Module) -> bool:
             WIDTH_FIXUPS[key](module, original)
             return True
     return False
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _heads_of(module: nn.Module) -> tuple[int, int | None] | None:
+    """(heads, head width or None) of an attention-like module, or None.
+
+    The query projection's width over the head width comes first (Hugging Face modules that keep
+    the head count only in their config, such as Llama's, and every rebuilt module); then an
+    integer ``num_heads`` / ``n_heads`` / ``num_attention_heads`` attribute (the fix-ups above
+    keep those current)."""
+    head_dim = _int(getattr(module, "head_dim", None)) or _int(getattr(module, "attention_head_size", None))
+    query = getattr(module, "q_proj", None) or getattr(module, "query", None)
+    if head_dim and isinstance(query, nn.Linear):
+        return query.out_features // head_dim, head_dim
+    for attribute in ("num_heads", "n_heads", "num_attention_heads"):
+        heads = _int(getattr(module, attribute, None))
+        if heads is not None:
+            kind = attention_kind(module)
+            if head_dim is None and kind is not None and heads:
+                try:
+                    head_dim = ATTENTION_MODULES[kind](module)
+                except (AttributeError, ZeroDivisionError):
+                    head_dim = None
+            return heads, head_dim
+    return None
+
+
+def head_counts(model: nn.Module) -> dict[str, tuple[int, int | None]]:
+    """Attention module name -> (heads, head width or None), in module order, for ``model`` as it is
+    (a seed or a rebuilt slim model). Only the innermost of nested modules that carry a head count
+    is listed (torchvision's ``EncoderBlock`` stores ``num_heads`` and so does its attention, whose
+    count the rebuild updates). Empty for a model without attention."""
+    found = {name: heads for name, module in model.named_modules() if (heads := _heads_of(module)) is not None}
+
+    def inside(inner: str, outer: str) -> bool:
+        return inner != outer and (outer == "" or inner.startswith(outer + "."))
+
+    return {name: value for name, value in found.items() if not any(inside(other, name) for other in found)}

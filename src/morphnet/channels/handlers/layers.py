@@ -24,6 +24,15 @@ from morphnet.channels.handlers.registry import (
 )
 
 
+def _per_channel(w: Walker, v: int, dim: int) -> float:
+    """Elements of value ``v`` per example and per index of ``dim``: the spatial positions of a conv
+    input, the tokens of a linear one. Defined for a layer pruned to zero channels too (a block
+    whose attention heads were all removed), where dividing the size by the width is not."""
+    shape = list(w.shape(v))
+    del shape[dim]
+    return float(np.prod(shape, dtype=np.float64)) / w.graph.batch_size
+
+
 def _identity_view(sv: StateView | None, rank: int) -> bool:
     return sv is not None and sv.dims == tuple(range(rank))
 
@@ -94,7 +103,7 @@ def convolution(w: Walker, node) -> None:
         module=_owner(weight_name) if weight_name else node.module, weight=weight_name or "",
         kind="conv", in_ids=in_ids, out_ids=out_ids, groups=g, depthwise=depthwise,
         flop_coef=2.0 * area * kernel * w.shape(x)[0] / n, kernel=kernel,
-        in_numel=w.per_example(x) / in_ch, out_numel=w.per_example(out) / out_ch, node=node.index))
+        in_numel=_per_channel(w, x, 1), out_numel=_per_channel(w, out, 1), node=node.index))
 
 
 def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight_first: bool) -> None:
@@ -141,7 +150,7 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
     if sv.name not in w.weights:
         w.weights[sv.name] = WeightInfo(owner, sv.name, out_state, slot_out, slot_in, 1, 1, False)
     w.module_out.setdefault(owner, slot_out)
-    tokens = w.per_example(x) / w.shape(x)[x_contract]
+    tokens = _per_channel(w, x, x_contract)
     w.layer_calls.append(LayerCall(
         module=owner, weight=sv.name, kind="linear", in_ids=slot_in, out_ids=slot_out, groups=1,
         depthwise=False, flop_coef=2.0 * tokens, kernel=1, in_numel=tokens, out_numel=tokens, node=node.index))
