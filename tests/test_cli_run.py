@@ -114,7 +114,7 @@ def test_cost_text_table_shows_the_gamma_coverage_of_every_layer(capsys):
 
 
 def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(tmp_path):
-    assert main(["run", "--target-cost", "0.5", "--steps", "400", "--retrain-steps", "20", "--no-baseline",
+    assert main(["run", "--target-cost", "0.5", "--steps", "600", "--retrain-steps", "20", "--no-baseline",
                  "--out", str(tmp_path), "--quiet"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     half = summary["seed"]["flops_counted"] / 2
