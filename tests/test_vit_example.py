@@ -141,3 +141,32 @@ def test_models_without_attention_report_no_heads():
     assert head_counts(cnn) == {}
     assert attention_table(cnn, None, None, {"conv1": 16}, {"conv1": 8}, None) == []
     assert format_attention({"attention": []}) == "" and format_attention({}) == ""
+
+
+def test_trim_to_target_takes_the_closest_multiplier_when_whole_heads_cannot_land_within_one_percent():
+    """Learning that stays far above the target (0.6x against 0.25x) must still be trimmed to near the target:
+    heads are whole 16-channel blocks, so no multiplier lands within 1%, and the rebuild used to fall back to
+    the untrimmed learned widths (0.6x: 2.4 times the budget) instead of the closest multiplier."""
+    from types import SimpleNamespace
+
+    from morphnet.pipeline.run import rebuild_stage
+
+    seed = vit16()
+    seed_cost = float(morphnet.compute_cost(seed, X16))
+    counts = {**{f"{block}.mlp.0": width for block, width in zip(BLOCKS, (120, 92, 80, 77))},  # a learned run's
+              **{name: 192 for name in ATTENTION}}  # every head alive (q, k and v rows of 4 heads)
+    learned_cost = float(morphnet.compute_cost(morphnet.apply_structure(seed, counts, X16), X16))
+    target = 0.25 * seed_cost
+    logged = []
+    cfg = SimpleNamespace(expand_to=None, target="flops", seed=0, hardware=None, round_to=None)
+    session = SimpleNamespace(cfg=cfg, example=X16, log=logged.append)
+    with pytest.raises(ValueError, match="within 1%"):
+        morphnet.find_width_multiplier(seed, counts, X16, target)  # the premise: 1% is out of reach
+    rebuilt, predicted = rebuild_stage(session, seed, counts, learned_cost=learned_cost, seed_cost=seed_cost,
+                                       target_cost=target)
+    slim_cost = float(morphnet.compute_cost(rebuilt.model, X16))
+    assert predicted == pytest.approx(slim_cost)
+    assert slim_cost == pytest.approx(counted_flops(rebuilt.model, X16), rel=1e-6)
+    assert abs(slim_cost / target - 1) < 0.1, (slim_cost / seed_cost, learned_cost / seed_cost)
+    assert rebuilt.width_multiplier is not None and rebuilt.width_multiplier < 1
+    assert any("closest width multiplier" in line for line in logged)

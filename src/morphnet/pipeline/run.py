@@ -421,18 +421,20 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
         budget = target_cost
     seed = seed.cpu()
 
-    def build(budget: float | None) -> Rebuilt:
+    def build(budget: float | None, tolerance: float | None = 0.01) -> Rebuilt:
         torch.manual_seed(cfg.seed + 1)
         return rebuild(seed, counts, session.example, resource=cfg.target, budget=budget,
-                       hardware=cfg.hardware, round_to=cfg.round_to)
+                       hardware=cfg.hardware, round_to=cfg.round_to, tolerance=tolerance)
 
     try:
         rebuilt = build(budget)
     except ValueError as error:
         if not trim:
             raise
-        session.log(f"kept the learned widths: {error}")  # widths too coarse to land within 1%
-        budget, rebuilt = None, build(None)
+        # widths too coarse to land within 1% (whole heads, rounding): the closest multiplier is still
+        # nearer the target than the untrimmed learned widths, which may be far off it
+        session.log(f"closest width multiplier taken: {error}")
+        rebuilt = build(budget, tolerance=None)
     if budget is None and not cfg.round_to and learned_cost is not None:
         predicted = learned_cost
     else:
