@@ -55,6 +55,11 @@ def apply_structure(model: nn.Module, structure, example_inputs, *, keep_weights
     copies = keep_nonempty(s, s.copies)
     if keep_weights and s.regularizer is not None:
         _warn_dropped_shifts(model, s, copies)
+    if keep_weights and s.regularizer is None and (copies < 1).any():
+        warnings.warn("apply_structure(keep_weights=True) with alive counts keeps the first channels of every "
+                      "narrowed layer: counts say how many channels survive, not which. To keep the channels a "
+                      "regularizer found alive (the same function with dead channels zeroed), pass the "
+                      "regularizer as the structure.", stacklevel=2)
     return _build(model, s, copies, example_inputs, keep_weights=keep_weights, init_fn=init_fn)
 
 
