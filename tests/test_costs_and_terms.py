@@ -86,11 +86,21 @@ def test_group_lasso_gradient_reaches_exactly_the_prunable_weights():
     reg = morphnet.GroupLassoFlopsRegularizer(net, torch.randn(1, 3, 8, 8), threshold=1e-3)
     reg.get_regularization_term().backward()
     grads = {n: p.grad is not None and p.grad.abs().sum().item() > 0 for n, p in net.named_parameters()}
-    # conv0 and conv1 outputs are one group whose regularizer is the max of the two row norms:
-    # each channel's gradient goes to the larger row
-    n0, n1 = (net.conv0.weight.flatten(1).square().mean(1), net.conv1.weight.flatten(1).square().mean(1))
-    g0, g1 = (net.conv0.weight.grad.flatten(1).abs().sum(1) > 0), (net.conv1.weight.grad.flatten(1).abs().sum(1) > 0)
-    assert torch.equal(g0, n0 > n1) and torch.equal(g1, n1 > n0)
+    # conv0 and conv1 outputs are one group whose regularizer is the root mean square of the two rows'
+    # norms (one group-lasso norm over both rows): each row's gradient is proportional to its own weights
+    # (the max would push only the larger row)
+    w0, w1 = net.conv0.weight.flatten(1), net.conv1.weight.flatten(1)
+    n0, n1 = w0.square().mean(1), w1.square().mean(1)
+    rms = ((n0 + n1) / 2).sqrt()
+    assert rms.shape == (8,)
+    for w, grad in ((w0, net.conv0.weight.grad.flatten(1)), (w1, net.conv1.weight.grad.flatten(1))):
+        assert (grad.abs().sum(1) > 0).all()
+        ratio = grad / w  # d rms / d w = w / (2 * row length * rms), times the channel's cost weight
+        assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)  # same factor across a row
+    # and the same factor for both rows of a channel: the group's norm, not each row's own
+    f0 = net.conv0.weight.grad.flatten(1)[:, 0] / w0[:, 0]
+    f1 = net.conv1.weight.grad.flatten(1)[:, 0] / w1[:, 0]
+    assert torch.allclose(f0 * w0.shape[1], f1 * w1.shape[1], rtol=1e-4)
     assert not grads["head.weight"]  # its outputs are the model's outputs: fixed, no source
 
 

@@ -73,6 +73,28 @@ def test_group_lasso_step_shrinks_each_row_norm_and_keeps_its_direction():
                                old.flatten(1)[alive] / old_norms[alive, None])
 
 
+def test_group_lasso_step_shrinks_a_channels_bias_with_its_rows_and_zeroes_both():
+    """Zero rows with a bias still output the bias, so a channel is dead only with both at zero: the bias
+    is part of its channel's group norm and the step shrinks it by the rows' factor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.02, 2.0, 8).view(8, 1))
+        model[0].bias.copy_(torch.linspace(0.5, 0.01, 8))
+    reg = morphnet.GroupLassoFlopsRegularizer(model, torch.randn(1, 6), threshold=1e-3)
+    prox = morphnet.ProximalStep(reg)
+    w_old, b_old = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    prox.step(10.0 / float(reg.get_cost()), 1.0)
+    w_new, b_new = model[0].weight.detach(), model[0].bias.detach()
+    factor = w_new.norm(dim=1) / w_old.norm(dim=1)
+    torch.testing.assert_close(b_new, b_old * factor)  # same shrink factor for the bias as for its row
+    dead = factor == 0
+    assert dead.any() and (~dead).any()
+    assert (b_new[dead] == 0).all() and (w_new[dead] == 0).all()
+    alive = morphnet.StructureExporter(reg).get_alive_counts()
+    assert alive == {"0": int((~dead).sum())}
+
+
 def test_sgd_momentum_scales_the_step_to_what_the_loss_term_would_move():
     model, x = resnet14()
     reg = morphnet.GammaFlopsRegularizer(model, x, gamma_threshold=0.01)

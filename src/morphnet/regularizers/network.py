@@ -226,16 +226,18 @@ class _GroupLasso(NetworkRegularizer):
     source_name = "GroupLasso"
 
     def __init__(self, model, example_inputs, *, threshold: float, l1_fraction: float = 0.0,
-                 relative_threshold: bool = False, **kw):
+                 relative_threshold: bool = False, penalize_bias: bool = True, **kw):
         if not 0.0 <= l1_fraction <= 1.0:
             raise ValueError(f"l1_fraction must be in [0, 1], got {l1_fraction}")
         self.threshold = threshold
         self.l1_fraction = l1_fraction
         self.relative_threshold = relative_threshold  # threshold x each layer's initial channel-norm scale
+        self.penalize_bias = penalize_bias  # a channel's bias is part of its group's norm
         super().__init__(model, example_inputs, **kw)
 
     def _make_source(self, model):
-        return GroupLassoSource(model, self.analysis, self.threshold, self.l1_fraction, relative=self.relative_threshold)
+        return GroupLassoSource(model, self.analysis, self.threshold, self.l1_fraction, relative=self.relative_threshold,
+                                penalize_bias=self.penalize_bias)
 
 
 class GammaFlopsRegularizer(_Gamma):

@@ -10,7 +10,8 @@ as a shrinkage towards zero that stops at zero:
 
 For a BatchNorm scale (a row of one) that is ``sign(g) * max(|g| - lr * strength * c, 0)``
 with ``c`` the scale's cost weight in the term; for a group-lasso row (the L2 norm of an output
-channel's weights) it is the group soft-threshold. The weights ``c`` are the term's gradient at
+channel's weights and bias, combined over the rows of one group) it is the group soft-threshold: the
+term's gradient shrinks every row and bias of a group by the same factor. The weights ``c`` are the term's gradient at
 the current point, so every cost model, the per-layer floor and a ``regularizer_decorator``
 apply unchanged. Channels the penalty kills become exactly 0 and stay there until the task
 gradient pushes harder than the penalty.
@@ -60,6 +61,9 @@ class ProximalStep:
                                  f"(l1_fraction={source.l1_fraction}); the soft-threshold step is defined for the "
                                  f"plain group L2 norm only: use l1_fraction=0 or add the term to the loss")
             rows = [(getattr(m, a), d, n) for _, entries in source.buckets for (m, a), d, n in entries]
+            if source.penalize_bias:  # biases are part of their rows' groups: shrunk element-wise by the
+                # term's gradient, which for a group-lasso norm is the same factor as their rows'
+                rows += [(getattr(b[0], b[1]), 0, None) for b in source._biases if not isinstance(b, int)]
         else:
             raise TypeError(f"ProximalStep: {type(regularizer).__name__} has no BatchNorm-scale or group-lasso "
                             f"source ({type(source).__name__}); add its term to the loss instead")

@@ -5,8 +5,11 @@ through another path (a raw shortcut around the BatchNorm) is not regularized by
 ("uncovered": alive, no penalty; see ``channels/coverage.py``).
 
 Entries of one group combine by the source's ``combine`` mode: ``'amax'`` (element-wise
-max; BatchNorm gammas, group lasso) or ``'prob'`` (probabilistic gates: the probability
-that at least one entry is on, 1 - prod(1 - p)). Alive is the OR in both. A module class
+max; BatchNorm gammas), ``'rms'`` (root mean square; group lasso: a group of k rows, an
+attention head's q, k and v rows, is penalized as one group-lasso norm over all its weights,
+so every row shrinks at once; with the max only the largest row is pushed, and a head's
+other rows stay put) or ``'prob'`` (probabilistic gates: the probability that at least one
+entry is on, 1 - prod(1 - p)). Alive is the OR in all three. A module class
 marks itself as a probabilistic gate with the class attribute ``gate_logits`` (the name of
 its per-channel logits, aligned with the channels it gates); a source that combines by
 max cannot share a group with such a gate, because the gate alone can switch the
@@ -36,7 +39,7 @@ class Source:
     elements: np.ndarray
     zero_values: list[int] = []  # graph values that are zero where the entries are (see channels/coverage.py)
     description: str = "source"
-    combine: str = "amax"  # how entries of one group combine: 'amax' (max / OR) or 'prob' (1 - prod(1 - p) / OR)
+    combine: str = "amax"  # how entries of one group combine: 'amax' (max), 'rms' or 'prob' (1 - prod(1 - p)); alive: OR
 
     def values(self) -> torch.Tensor:
         raise NotImplementedError
@@ -65,8 +68,8 @@ class SourceGrouping:
     """Scatters source entries onto channel groups (max or 1 - prod(1 - p); alive = OR)."""
 
     def __init__(self, analysis: ChannelAnalysis, source: Source):
-        if source.combine not in ("amax", "prob"):
-            raise ValueError(f"source combine mode must be 'amax' or 'prob', got {source.combine!r}")
+        if source.combine not in ("amax", "rms", "prob"):
+            raise ValueError(f"source combine mode must be 'amax', 'rms' or 'prob', got {source.combine!r}")
         self.num_groups = analysis.num_groups
         self.combine = source.combine
         group = analysis.group_of[source.elements] if len(source.elements) else np.zeros(0, np.int64)
@@ -79,11 +82,12 @@ class SourceGrouping:
             # the rebuild measures the deviation and says so, whatever else reads them
             covered[analysis.group_of[np.concatenate(analysis.normalized)]] = True
         regularized = candidates & covered & ~_sole_groups(analysis)
-        if source.combine == "amax":
+        if source.combine != "prob":
             _check_no_gates(analysis, source, regularized)
         self.regularized = regularized
         self.uncovered = candidates & ~covered  # reached by the source, but read where it does not zero them
-        self._np = {"group": group.astype(np.int64), "regularized": regularized}
+        entries = np.maximum(np.bincount(group, minlength=analysis.num_groups), 1).astype(np.float64)
+        self._np = {"group": group.astype(np.int64), "regularized": regularized, "entries": entries}
         self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def tensors(self, device) -> dict[str, torch.Tensor]:
@@ -103,6 +107,9 @@ class SourceGrouping:
             off = torch.ones_like(z).scatter_reduce(0, t["group"], 1.0 - values.to(torch.float64), "prod",
                                                     include_self=True)
             reg_g = 1.0 - off
+        elif self.combine == "rms":  # sqrt at 0 has no gradient: clamp (a group of zeros gets none)
+            squares = z.scatter_add(0, t["group"], values.to(torch.float64).square())
+            reg_g = (squares / t["entries"]).clamp_min(1e-30).sqrt()
         else:
             reg_g = z.scatter_reduce(0, t["group"], values.to(torch.float64), "amax", include_self=True)
         return alive_g, reg_g * t["regularized"]

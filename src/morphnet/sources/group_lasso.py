@@ -29,15 +29,17 @@ from morphnet.sources.base import Source, _param
 
 class GroupLassoSource(Source):
     description = "conv / linear weight group norm"
+    combine = "rms"  # a group of several rows (an attention head) is one norm over all of them
 
     def __init__(self, model: nn.Module, analysis: ChannelAnalysis, threshold: float, l1_fraction: float = 0.0,
-                 relative: bool = False):
+                 relative: bool = False, penalize_bias: bool = True):
         if not 0.0 <= l1_fraction <= 1.0:
             raise ValueError(f"l1_fraction must be in [0, 1], got {l1_fraction}")
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.threshold = float(threshold)
         self.l1_fraction = float(l1_fraction)
+        self.penalize_bias = bool(penalize_bias)
         buckets: dict[int, list] = {}
         for name in sorted(analysis.weights):
             info = analysis.weights[name]
@@ -66,6 +68,16 @@ class GroupLassoSource(Source):
                 # a transposed grouped conv's row j makes output channel j of every group: g biases
                 self._biases.append((*_param(model, bias), len(ids)) if bias is not None else len(ids))
         self.elements = np.concatenate(elements) if elements else np.zeros(0, np.int64)
+        # per bucket: the biases of its entries (in values() order) and each row's bias count
+        self._bucket_biases = []
+        start = 0
+        for row_len, entries in self.buckets:
+            specs = self._biases[start:start + len(entries)]
+            start += len(entries)
+            counts = [np.full(b, 0.0) if isinstance(b, int) else
+                      np.full(b[2], float(self._bias_rows(b).shape[1])) for b in specs]
+            has = self.penalize_bias and any(not isinstance(b, int) for b in specs)
+            self._bucket_biases.append((specs, torch.as_tensor(np.concatenate(counts) + row_len)) if has else None)
         self.limits: torch.Tensor | float = self.threshold
         if relative and elements:
             with torch.no_grad():
@@ -77,17 +89,33 @@ class GroupLassoSource(Source):
 
     def values(self) -> torch.Tensor:
         norms = []
-        for row_len, entries in self.buckets:
+        for (row_len, entries), biases in zip(self.buckets, self._bucket_biases):
             rows = torch.cat([(getattr(m, a) if d == 0 else getattr(m, a).movedim(d, 0)).reshape(n, row_len)
                               for (m, a), d, n in entries])
+            if biases is None:
+                sq, ab, size = rows.square().sum(1), rows.abs().sum(1), row_len
+            else:  # the bias of each row is part of its group: zero rows with a bias are not dead
+                specs, size = biases
+                b = torch.cat([rows.new_zeros(spec, 1) if isinstance(spec, int) else self._bias_rows(spec).to(rows)
+                               for spec in specs])
+                sq, ab = rows.square().sum(1) + b.square().sum(1), rows.abs().sum(1) + b.abs().sum(1)
+                size = size.to(rows)
             norm = None
             if self.l1_fraction < 1.0:
-                norm = (1.0 - self.l1_fraction) * rows.square().mean(1).clamp_min(1e-30).sqrt()  # no NaN grad at 0
+                norm = (1.0 - self.l1_fraction) * (sq / size).clamp_min(1e-30).sqrt()  # no NaN grad at 0
             if self.l1_fraction > 0.0:
-                l1 = self.l1_fraction * rows.abs().mean(1)
+                l1 = self.l1_fraction * ab / size
                 norm = l1 if norm is None else norm + l1
             norms.append(norm)
         return torch.cat(norms)
+
+    @staticmethod
+    def _bias_rows(spec) -> torch.Tensor:
+        """A bias as (rows, biases per row): one, or g for a transposed grouped conv (channel j of every
+        group comes from row j)."""
+        module, attr, rows = spec
+        bias = getattr(module, attr)
+        return bias.reshape(-1, rows).t()
 
     def bias_magnitudes(self, like: torch.Tensor) -> torch.Tensor:
         """|bias| of every entry's output channel (0 for layers without a bias), one ``cat``."""
