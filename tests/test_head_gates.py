@@ -174,6 +174,47 @@ def test_attention_whose_projection_no_hook_reaches_falls_back_with_a_warning():
     assert not head_gates(model) and gated_modules(model)
 
 
+def test_heads_read_past_the_gate_stay_alive():
+    """timm's attention whose merged heads are also read by functional code that no hook reaches: the
+    head gate goes on the projection, but a closed gate does not make the head dead (uncovered)."""
+    from timm.layers import Attention
+
+    class Peeking(Attention):
+        def forward(self, x, attn_mask=None, is_causal=False):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            heads = (((q * self.scale) @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+            return self.proj(heads) + nn.functional.linear(heads, self.extra.weight)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Peeking(32, num_heads=4)
+            self.attn.extra = nn.Linear(32, 32)
+            self.norm = nn.LayerNorm(32)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(x + self.attn(x)).mean(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    model = morphnet.add_gates(Net(), x)
+    assert sorted(gated_modules(model)) == ["attn.proj.head_gate"]
+    with pytest.warns(UserWarning, match="also read where it does not zero them"):
+        reg = morphnet.LogisticSigmoidFlopsRegularizer(model, x)
+    assert reg.coverage_summary()["uncovered"] == 4 and not reg.grouping.regularized.any()
+    with torch.no_grad():
+        model.attn.proj.head_gate.logits[2] = -20.0
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    slim = morphnet.fold_gates(morphnet.apply_structure(model, reg, x, keep_weights=True))
+    assert slim.attn.num_heads == 4
+    with torch.no_grad():
+        assert ((slim.eval()(x) - want).norm() / want.norm()).item() < 1e-6
+
+
 # ---- the gated forward of nn.MultiheadAttention computes PyTorch's --------------------------------
 
 

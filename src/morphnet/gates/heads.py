@@ -167,7 +167,7 @@ def head_hosts(model: nn.Module, analysis, prunable: np.ndarray) -> dict[str, tu
         if not prunable[groups].any():
             continue
         for name, head_dim in attention.items():
-            if len(groups) % head_dim or len(groups) == head_dim:
+            if len(groups) % head_dim:
                 continue
             runs = groups.reshape(-1, head_dim)
             if not (runs == runs[:, :1]).all():
