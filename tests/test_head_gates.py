@@ -5,7 +5,8 @@ With a random quarter of the head gates forced off, rebuilding with the regulari
 gates removes exactly those heads, the slim model computes what the gated one does (eval mode), and
 FlopCounterMode counts what the regularizer predicts. Small, randomly initialized torchvision and timm
 ViTs, timm's Swin, Hugging Face BERT (whose output projection is a sibling of its attention module)
-and ``nn.MultiheadAttention`` in both layouts.
+and Llama (grouped-query: one gate per key / value head and its query heads), and
+``nn.MultiheadAttention`` in both layouts.
 """
 
 import copy
@@ -56,6 +57,15 @@ def hf_bert():
     return transformers.BertModel(config), torch.randint(0, 96, (2, 12))
 
 
+def hf_llama():
+    """Grouped-query attention: 4 query heads of width 8 on 2 key / value heads, one gate per pair."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    return transformers.LlamaModel(config), torch.randint(0, 96, (2, 12))
+
+
 class MHANet(nn.Module):
     """Self-attention on a prunable stream (no LayerNorm): the residual width is gated too."""
 
@@ -76,11 +86,13 @@ def mha(batch_first):
 
 
 MODELS = {"torchvision_vit": tv_vit, "timm_vit_fused": lambda: timm_vit(True),
-          "timm_vit_unfused": lambda: timm_vit(False), "timm_swin": timm_swin, "hf_bert": hf_bert,
+          "timm_vit_unfused": lambda: timm_vit(False), "timm_swin": timm_swin, "hf_bert": hf_bert, "hf_llama": hf_llama,
           "mha": lambda: mha(False), "mha_batch_first": lambda: mha(True)}
 HOSTS = {"torchvision_vit": ("encoder.layers.encoder_layer_0.self_attention.out_proj", 4, 16),
          "timm_vit_fused": ("blocks.0.attn.proj", 3, 64), "timm_vit_unfused": ("blocks.0.attn.proj", 3, 64),
-         "timm_swin": ("layers.1.blocks.0.attn.proj", 4, 12), "hf_bert": ("encoder.layer.0.attention.output.dense", 4, 8),
+         "timm_swin": ("layers.1.blocks.0.attn.proj", 4, 12),
+         "hf_bert": ("encoder.layer.0.attention.output.dense", 4, 8),
+         "hf_llama": ("layers.0.self_attn.o_proj", 2, 16),
          "mha": ("mha.out_proj", 4, 8), "mha_batch_first": ("mha.out_proj", 4, 8)}
 
 
@@ -119,7 +131,8 @@ def test_one_gate_per_head_before_the_output_projection(name):
     assert isinstance(gate, LogisticSigmoidHeadGate) and (gate.num_heads, gate.head_dim) == (heads, head_dim)
     assert gate.logits.shape == (heads,) and gate.num_channels == heads * head_dim
     # the q / k / v projections get no per-channel gates: the head gate switches their channels
-    assert not [n for n in gated_modules(model) if n.endswith(("qkv.gate", "query.gate", "key.gate", "value.gate"))]
+    projections = ("qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj")
+    assert not [n for n in gated_modules(model) if n.endswith(tuple(f"{p}.gate" for p in projections))]
     reg = morphnet.LogisticSigmoidFlopsRegularizer(model, x)
     a = reg.analysis
     assert reg.coverage_summary()["uncovered"] == 0

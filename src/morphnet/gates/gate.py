@@ -171,6 +171,8 @@ class LogisticSigmoidHeadGate(LogisticSigmoidGate):
     group and maps logit h to it, so the regularizer's penalty and cost are per head: the head's
     q / k / v rows, its output-projection columns and its share of the attention products.
     ``keep_first_channel_alive`` keeps head 0 on. Other options are those of ``LogisticSigmoidGate``.
+    In grouped-query attention a "head" here is the block of query heads that share a key / value
+    head (``head_dim`` is then the block's width), the unit the rebuild removes.
     """
 
     def __init__(self, num_heads: int, head_dim: int, *, channel_dim: int = -1, **options):

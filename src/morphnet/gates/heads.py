@@ -11,16 +11,20 @@ logit per head (``LogisticSigmoidHeadGate``) makes the head the unit of the pena
 expected cost.
 
 A projection qualifies when it is an ``nn.Linear`` called as a module (so a forward pre-hook
-sees its input; torchvision's Swin passes its projection's weight to functional code), its input columns come in runs of ``head_dim`` that each lie in one channel
+sees its input), its input columns come in runs of ``head_dim`` that each lie in one channel
 group, and those groups are written by the q / k / v projections of one attention module.
 That finds timm's ``Attention`` and ``WindowAttention`` (``proj``), torchvision's MaxViT
 attention (``merge``), Hugging Face's Llama (``o_proj``), ViT and BERT (the ``dense`` layer of
-the attention output, a sibling module). ``nn.MultiheadAttention`` applies its output
-projection inside functional code, where no hook reaches; ``add_gates`` gives such a module a
-subclass whose forward computes the same attention and calls ``out_proj`` as a module
-(``GatedMultiheadAttention``), and ``fold_gates`` / ``remove_gates`` restore the class.
-Attention whose output projection is applied functionally otherwise (torchvision's Swin) or is
-not an ``nn.Linear`` (GPT-2's ``Conv1D``) keeps per-channel gates on its projections.
+the attention output, a sibling module). Where consecutive heads share one group (Llama's
+grouped-query attention: the query heads of one key / value head) one logit gates the block.
+
+``nn.MultiheadAttention`` applies its output projection inside functional code, where no hook
+reaches; ``add_gates`` gives such a module a subclass whose forward computes the same attention
+and calls ``out_proj`` as a module (``GatedMultiheadAttention``), and ``fold_gates`` /
+``remove_gates`` restore the class. Attention whose output projection is otherwise applied in
+functional code (torchvision's Swin passes the weights of ``qkv`` and ``proj`` to a function) or
+is not an ``nn.Linear`` (GPT-2's ``Conv1D``) gets no head gate: ``add_gates`` warns, and its
+heads keep whatever per-channel gates its projections get (none in those two).
 """
 
 from __future__ import annotations
@@ -175,9 +179,22 @@ def head_hosts(model: nn.Module, analysis, prunable: np.ndarray) -> dict[str, tu
             written = [group_of[info.out_ids] for info in analysis.weights.values()
                        if info.module != call.module and _inside(info.module, name)]
             if written and np.isin(runs[:, 0], np.concatenate(written)).all():
-                found[call.module] = (name, head_dim, len(runs), runs[:, 0])
+                per = _heads_per_group(runs[:, 0])
+                found[call.module] = (name, head_dim * per, len(runs) // per, runs[::per, 0])
                 break
     return found
+
+
+def _heads_per_group(heads: np.ndarray) -> int:
+    """Consecutive heads that share one channel group, when every group is such a block of equal size
+    (grouped-query attention: the query heads of one key / value head); else 1. One logit then
+    gates the block, the unit the rebuild can remove."""
+    for per in range(len(heads), 1, -1):
+        if len(heads) % per == 0:
+            blocks = heads.reshape(-1, per)
+            if (blocks == blocks[:, :1]).all():
+                return per
+    return 1
 
 
 def head_groups(model: nn.Module, analysis, prunable: np.ndarray) -> dict[str, np.ndarray]:

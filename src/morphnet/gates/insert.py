@@ -21,7 +21,8 @@ Attention heads (``heads=True``, the default): where the analysis prunes heads, 
 projection (a forward pre-hook and a child named ``head_gate``; see ``morphnet.gates.heads``),
 and the q / k / v projections get no per-channel gates, so a head is switched on or off as a
 whole and its penalty and expected cost are the head's. Attention whose output projection
-cannot take it keeps per-channel gates on its projections, with a warning.
+cannot take one (applied in functional code, or not an ``nn.Linear``) gets a warning and keeps
+whatever per-channel gates its projections get.
 
 ``fold_gates`` bakes the inference mask into the host (conv / linear output weights and
 bias, normalization scale and shift, a head gate's projection input columns: exact in
