@@ -26,7 +26,8 @@ whatever per-channel gates its projections get.
 
 ``fold_gates`` bakes the inference mask into the host (conv / linear output weights and
 bias, normalization scale and shift, a head gate's projection input columns: exact in
-training and eval mode) and removes the gate; a gate whose host has no such parameters becomes a fixed ``ChannelScale``.
+training and eval mode) and removes the gate; a gate whose host has no such parameters
+becomes a fixed ``ChannelScale``.
 ``remove_gates`` drops the gates without folding (for retraining from scratch).
 """
 
@@ -206,7 +207,8 @@ def add_gates(model: nn.Module, example_inputs, where: Sequence[str] | Callable[
     if existing:
         raise ValueError(f"add_gates: {type(model).__name__} already has gates (e.g. '{next(iter(existing))}'); "
                          f"remove them first with morphnet.remove_gates(model)")
-    swapped = swap_attention_forwards(model) if heads else []
+    if heads:
+        swap_attention_forwards(model)  # classes put back below where no head gate needs them
     try:
         analysis = analyze_model(model, example_inputs, input_boundary=input_boundary,
                                  output_boundary=output_boundary, prune_outputs=prune_outputs)
