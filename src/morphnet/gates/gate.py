@@ -7,6 +7,9 @@ probability sigmoid(l) and, at a low temperature, nearly binary. One sample per 
 is shared by the whole batch and every spatial position (or token). At inference the
 mask is deterministic: 1[l > 0], optionally times sigmoid(l).
 
+``LogisticSigmoidHeadGate`` is the same gate with one logit per attention head, shared by the
+head's ``head_dim`` channels, so a head is switched on or off as a whole.
+
 ``ChannelScale`` is what a gate becomes when it is folded away and nothing next to it can
 absorb its mask: a fixed per-channel factor.
 """
@@ -94,6 +97,12 @@ class LogisticSigmoidGate(nn.Module):
 
     @property
     def num_channels(self) -> int:
+        """Channels of the gated tensor."""
+        return self.logits.shape[0]
+
+    @property
+    def num_logits(self) -> int:
+        """Learnable logits (one per channel here; one per head in ``LogisticSigmoidHeadGate``)."""
         return self.logits.shape[0]
 
     def reset_parameters(self) -> None:
@@ -135,10 +144,14 @@ class LogisticSigmoidGate(nn.Module):
             self.noise.copy_(logistic_noise(self.logits))
         return self._keep_first(relaxed_mask(self.logits, self.noise, self.tau, self.straight_through))
 
+    def channel_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mask over the logits as a mask over the gated channels (the same here)."""
+        return mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = _channel_dim(self, x, self.num_channels)
         mask = self.sample_mask() if self.training else self.inference_mask()
-        return x * _broadcast(mask, x, dim)
+        return x * _broadcast(self.channel_mask(mask), x, dim)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)}" for k in ("annealing_rate",) if getattr(self, k) is not None)
@@ -146,6 +159,44 @@ class LogisticSigmoidGate(nn.Module):
                         if getattr(self, k))
         return (f"{self.num_channels}, channel_dim={self.channel_dim}, temperature={self.temperature}{extra}{flags}"
                 + ("" if self.keep_first_channel_alive else ", keep_first_channel_alive=False"))
+
+
+class LogisticSigmoidHeadGate(LogisticSigmoidGate):
+    """A ``LogisticSigmoidGate`` with one logit per attention head: head h's mask multiplies its
+    ``head_dim`` channels ``h * head_dim ... (h + 1) * head_dim - 1`` of the gated tensor.
+
+    ``add_gates`` puts one on the input of an attention module's output projection (the heads
+    merged back, ``num_heads * head_dim`` channels on the last dim), where a closed head is zero for
+    the projection, the head's only reader. The channel analysis ties each head's channels into one
+    group and maps logit h to it, so the regularizer's penalty and cost are per head: the head's
+    q / k / v rows, its output-projection columns and its share of the attention products.
+    ``keep_first_channel_alive`` keeps head 0 on. Other options are those of ``LogisticSigmoidGate``.
+    In grouped-query attention a "head" here is the block of query heads that share a key / value
+    head (``head_dim`` is then the block's width), the unit the rebuild removes.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, channel_dim: int = -1, **options):
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
+        super().__init__(num_heads, channel_dim=channel_dim, **options)
+        self.head_dim = head_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def leaf_attributes(self) -> dict:
+        return {"channel_dim": self.channel_dim, "head_dim": self.head_dim}
+
+    def channel_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.repeat_interleave(self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, " + super().extra_repr().split(", ", 1)[1]
 
 
 class ChannelScale(nn.Module):

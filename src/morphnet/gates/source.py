@@ -8,6 +8,9 @@ after training the alive channels are exactly those the gated network uses at in
 Groups combine as 1 - prod(1 - p); alive is value >= ``alive_threshold``. The vector is a
 few ``cat`` and element-wise ops whatever the number of gates.
 
+A ``LogisticSigmoidHeadGate`` contributes one entry per head (its logits are aligned with the
+heads' channel groups), so a head's penalty is its probability times the head's cost.
+
 Gate settings (straight-through, soft inference mask, keep-first-channel) are read when the
 regularizer is built.
 """
@@ -44,11 +47,11 @@ class LogisticSigmoidSource(Source):
         self.zero_values = [v for n in self.names for v in analysis.zero_points.get(f"{n}.logits" if n else "logits", [])]
 
         def per_entry(flag) -> np.ndarray:
-            return np.concatenate([np.full(g.num_channels, flag(g), bool) for g in self.gates]) if self.gates \
+            return np.concatenate([np.full(g.num_logits, flag(g), bool) for g in self.gates]) if self.gates \
                 else np.zeros(0, bool)
 
         first = np.zeros(len(self.elements), bool)
-        offsets = np.cumsum([0] + [g.num_channels for g in self.gates[:-1]])
+        offsets = np.cumsum([0] + [g.num_logits for g in self.gates[:-1]])
         first[offsets[[g.keep_first_channel_alive for g in self.gates]]] = True
         self._np = {"straight_through": per_entry(lambda g: g.straight_through),
                     "soft": per_entry(lambda g: g.soft_mask_for_inference), "first": first}
@@ -57,7 +60,7 @@ class LogisticSigmoidSource(Source):
     def _tensor(self, key, device) -> torch.Tensor:
         if (key, device) not in self._cache:
             value = self._np[key] if isinstance(key, str) else np.concatenate(
-                [np.full(g.num_channels, t, bool) for g, t in zip(self.gates, key)])
+                [np.full(g.num_logits, t, bool) for g, t in zip(self.gates, key)])
             self._cache[(key, device)] = torch.as_tensor(value, device=device)
         return self._cache[(key, device)]
 
@@ -72,7 +75,7 @@ class LogisticSigmoidSource(Source):
         logits = self._logits()
         dev = logits.device
         modes = tuple(g.training for g in self.gates)
-        tau = torch.cat([g.tau.expand(g.num_channels) for g in self.gates])
+        tau = torch.cat([g.tau.expand(g.num_logits) for g in self.gates])
         if any(modes):
             noise = torch.cat([g.noise for g in self.gates])
             sampled = relaxed_mask(logits, noise, tau, self._tensor("straight_through", dev))

@@ -16,6 +16,12 @@ Costs, exporter and rebuild are those of every other regularizer::
 
 In training mode the alive channels follow the masks sampled in the last forward pass (as
 in the original), so exported counts fluctuate where gates are undecided.
+
+Attention heads: ``add_gates`` gives each attention module whose heads the analysis prunes one
+``LogisticSigmoidHeadGate`` (a logit per head, on the output projection's input), so a head is
+one entry of the vector: its penalty is its probability (or mask) times the head's cost (q, k, v
+rows, output-projection columns, its share of the attention products), and the learned
+structure keeps or drops whole heads.
 """
 
 from __future__ import annotations
