@@ -7,8 +7,10 @@ channel of a freshly initialized layer is below, whatever the initialization's s
 1e-2 marked half of mobilenet_v3_small's classifier, initialized with std 0.01, dead before
 training). The ``morphnet`` pipeline's default is relative, 0.1. A channel whose bias is above
 the same limit is alive too: rows of zeros still output their bias, a constant the next layer
-reads, so such a channel is not dead (the bias is not penalized: give prunable layers
-``bias=False`` or let weight decay shrink it). Zero rows are evidence only for the layer's own
+reads, so such a channel is not dead; the bias is therefore part of the channel's norm (the
+mean runs over the row and its bias) and shrinks with it (``penalize_bias=False``: weights
+only). The rows of one channel group (an attention head's q, k and v rows, the members of a
+residual group) combine by root mean square: one group-lasso norm. Zero rows are evidence only for the layer's own
 output: a conv followed by a BatchNorm outputs ``beta - gamma * mean / std`` there, so groups
 read through a BatchNorm are not regularized by group lasso (use a Gamma regularizer on such
 networks). Weights are bucketed by row length (input

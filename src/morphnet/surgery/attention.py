@@ -84,6 +84,12 @@ def _timm_attention(module: nn.Module, original: nn.Module) -> None:
         module.attn_dim = module.num_heads * original.head_dim
 
 
+def _timm_attention_rope(module: nn.Module, original: nn.Module) -> None:
+    rows = module.qkv.weight.shape[0] // 3 if module.qkv is not None else module.q_proj.weight.shape[0]
+    module.num_heads = module.num_kv_heads = rows // original.head_dim
+    module.attn_dim = module.kv_dim = rows
+
+
 def _timm_window_attention(module: nn.Module, original: nn.Module) -> None:
     head_dim = original.qkv.out_features // 3 // original.num_heads
     module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
@@ -189,6 +195,7 @@ NEEDS_A_HEAD = ("timm.models.swin_transformer.WindowAttention",
 FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torch.nn.modules.activation.MultiheadAttention": _mha,
     "timm.layers.attention.Attention": _timm_attention,
+    "timm.layers.attention.AttentionRope": _timm_attention_rope,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "torchvision.models.swin_transformer.ShiftedWindowAttention": _torchvision_window_attention,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _torchvision_maxvit_attention,

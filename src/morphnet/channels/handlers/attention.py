@@ -34,6 +34,9 @@ def _mha_head_dim(m: nn.Module) -> int | None:
 ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     "torch.nn.modules.activation.MultiheadAttention": _mha_head_dim,
     "timm.layers.attention.Attention": lambda m: m.head_dim,
+    # rotary embeddings act inside a head (its width stays), so whole heads prune; grouped-query
+    # AttentionRope ties heads with repeat_interleave, which is not followed: its heads stay
+    "timm.layers.attention.AttentionRope": lambda m: m.head_dim if m.num_kv_groups == 1 else None,
     "timm.models.swin_transformer.WindowAttention": lambda m: m.qkv.out_features // 3 // m.num_heads,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: m.head_dim,
     "torchvision.models.swin_transformer.ShiftedWindowAttention":
