@@ -253,11 +253,11 @@ def _cut_parameter(w: Walker, node, x: int, dim: int) -> None:
     parameter's width says, so position j of every part is tied (every part keeps the same positions;
     checked after the rebuild); sizes that are constants in the code keep that dim's width, except in an
     attention module whose rebuild replaces the code (``RECUTS_ITS_PROJECTION``)."""
-    outs = [o for o in node.outputs if o is not None and o in w.parts]
-    if not outs or len(outs) != len(node.outputs):
+    if not any(o in w.parts for o in node.outputs if o is not None):
         return
-    parts = [w.part_slot(o, dim) for o in outs]
-    if node.python_op == "chunk" and len({len(p) for p in parts}) == 1 and len(parts) > 1:
+    whole = all(o is not None and o in w.parts for o in node.outputs)
+    parts = [w.part_slot(o, dim) for o in node.outputs] if whole else []
+    if whole and node.python_op == "chunk" and len({len(p) for p in parts}) == 1 and len(parts) > 1:
         w.elements.union(np.tile(parts[0], len(parts) - 1), np.concatenate(parts[1:]))
         for pos, ids in enumerate(parts):
             w.shape_checks.append(ShapeCheck(node.index, pos, dim, ids))
