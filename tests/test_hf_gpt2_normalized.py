@@ -87,8 +87,8 @@ def test_gpt2_rebuilt_without_some_residual_channels_agrees_on_widths_and_differ
     assert t.wpe.weight.shape == (32, width) and t.wpe.embedding_dim == width
     assert slim.lm_head.weight is t.wte.weight  # still tied: one tensor
     assert slim.lm_head.in_features == width and slim.config.tie_word_embeddings
-    assert all(m.normalized_shape == (width,) and m.weight.shape == m.bias.shape == (width,) for m in _layer_norms(slim))
-    assert len(_layer_norms(slim)) == 5
+    norms = _layer_norms(slim)
+    assert len(norms) == 5 and all(m.normalized_shape == m.weight.shape == m.bias.shape == (width,) for m in norms)
     heads = []
     for block in t.h:
         attn_module = block.attn
