@@ -103,8 +103,12 @@ def test_gpt2_rebuilt_without_some_residual_channels_agrees_on_widths_and_differ
     assert sum(heads) < 8 and all(h >= 1 for h in heads)
     assert [h for h, _ in head_counts(slim).values()] == heads
 
-    # cost: the slim model's counted FLOPs are the predicted ones
+    # cost: the slim model's counted FLOPs are the predicted ones, and its own analysis says so too
     assert counted_flops(slim, x) == reg.get_cost().item() < full
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = morphnet.GroupLassoFlopsRegularizer(slim, x, threshold=0.0, prune_normalized=True)
+    assert again.get_cost().item() == reg.get_cost().item()
 
     # it runs and generates
     with torch.no_grad():
