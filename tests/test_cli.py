@@ -1,5 +1,6 @@
 """The ``morphnet`` command: argument errors, and every subcommand end to end on the default."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,27 @@ def test_python_dash_m_morphnet_is_the_cli():
     assert result.returncode == 0
     for command in ("run", "learn", "rebuild", "cost", "report"):
         assert command in result.stdout
+
+
+def test_rebuild_prints_the_attention_heads_per_block_like_run(capsys, tmp_path):
+    """``morphnet rebuild`` of a tiny ViT structure prints the table ``morphnet run`` prints: heads seed ->
+    slim per block (with the head width and the MLP widths), also kept in the slim folder's rebuild.json."""
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
+    structure = {}  # every layer a learned structure file of vit_tiny names
+    for block, heads, mlp in zip(blocks, (4, 1, 2, 4), (256, 256, 256, 97)):
+        structure |= {f"{block}.self_attention": 3 * 16 * heads, f"{block}.mlp.0": mlp}
+    path = tmp_path / "alive.json"
+    path.write_text(json.dumps(structure))
+    assert main(["rebuild", "--model", "vit_tiny", "--data", "synthetic:32", "--image-size", "16",
+                 "--structure", str(path), "--out", str(tmp_path), "--threads", "1", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("attention heads per block (seed -> slim):")
+    assert lines[start + 1:start + 5] == [
+        f"  {blocks[0]}  heads 4 -> 4, head width 16, mlp.0 256 -> 256",
+        f"  {blocks[1]}  heads 4 -> 1, head width 16, mlp.0 256 -> 256",
+        f"  {blocks[2]}  heads 4 -> 2, head width 16, mlp.0 256 -> 256",
+        f"  {blocks[3]}  heads 4 -> 4, head width 16, mlp.0 256 -> 97",
+    ]
+    summary = json.loads((tmp_path / "slim" / "rebuild.json").read_text())
+    assert [(e["block"], e["seed"], e["slim"]) for e in summary["attention"]] == [
+        (blocks[0], 4, 4), (blocks[1], 4, 1), (blocks[2], 4, 2), (blocks[3], 4, 4)]

@@ -135,6 +135,8 @@ class ChannelAnalysis:
     products: list[ProductCall] = field(default_factory=list)
     shape_checks: list[ShapeCheck] = field(default_factory=list)
     normalized: list[np.ndarray] = field(default_factory=list)  # channels prunable only by prune_normalized
+    # value index -> (view, first index per sliced dim) of a part of a parameter (see ``Walker.parts``)
+    parts: dict[int, tuple[StateView, dict[int, int]]] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -170,6 +172,11 @@ class Walker:
         self.elements = ElementTable()
         self.chans: dict[int, Chan] = {}
         self.state_views: dict[int, StateView] = {}
+        # a contiguous part of a 1-D or 2-D parameter (``w.chunk(3)``, ``b[:n]``): its view and, per
+        # sliced parameter dim, the part's first index; a reader that does not take it for what it is
+        # (a linear layer's rows or columns, a bias) makes the parameter opaque
+        self.parts: dict[int, tuple[StateView, dict[int, int]]] = {}
+        self.part_readers: set[tuple[int, int]] = set()  # (node, value): a part read as what it is
         self.derived: dict[int, set[str]] = {}
         self.slots: dict[tuple[str, int], np.ndarray] = {}
         self.opaque: set[str] = set()
@@ -200,6 +207,31 @@ class Walker:
 
     def state_view(self, v: int | None) -> StateView | None:
         return None if v is None else self.state_views.get(v)
+
+    def part_view(self, v: int | None) -> tuple[StateView, dict[int, int]] | None:
+        """A view of a parameter or buffer (no starts), or of a part of a parameter (see ``parts``)."""
+        if v is None:
+            return None
+        sv = self.state_views.get(v)
+        return (sv, {}) if sv is not None else self.parts.get(v)
+
+    def part_slot(self, v: int, dim: int) -> np.ndarray:
+        """Element ids of the parameter entries along dim ``dim`` of ``v`` (a view or a part of one)."""
+        sv, starts = self.part_view(v)
+        start = starts.get(sv.dims[dim], 0)
+        ids = self.slot(sv.name, sv.dims[dim])[start:start + self.shape(v)[dim]]
+        if self.node is not None and v in self.parts:
+            self.part_readers.add((self.node.index, v))
+        return ids
+
+    def carry_part(self, x: int, out: int, dims: tuple | None) -> None:
+        """``out`` is ``x`` (a part of a parameter) with its dims moved to ``dims`` (parameter dims)."""
+        part = self.parts.get(x)
+        if part is None or dims is None or not set(part[1]) <= {d for d in dims if d is not None}:
+            return
+        self.parts[out] = (StateView(part[0].name, tuple(dims)), part[1])
+        if self.node is not None:
+            self.part_readers.add((self.node.index, x))
 
     def states_in(self, v: int) -> set[str]:
         sv = self.state_views.get(v)
@@ -354,6 +386,9 @@ def analyze_channels(
             handle_unknown(w, node)
         else:
             handler(w, node)
+        for v in node.tensor_inputs():  # a part of a parameter read otherwise: its positions are constants
+            if v in w.parts and (node.index, v) not in w.part_readers:
+                w.opaque.add(w.parts[v][0].name)
         _fix_writes_through_views(w, node)
     w.node = None
     if not prune_outputs:
@@ -380,6 +415,7 @@ def analyze_channels(
         weights=w.weights, gamma_sources=w.gamma, data_ops=w.data_ops, module_out_ids=w.module_out,
         blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
         normalized=w.normalized, value_chans=w.chans, zero_points=w.zero_points, biases=w.biases,
+        parts={v: part for v, part in w.parts.items() if part[0].name not in w.opaque},
     )
     from morphnet.channels.coverage import fold_bias_adds
 

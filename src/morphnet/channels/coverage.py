@@ -494,7 +494,8 @@ def fold_bias_adds(analysis: ChannelAnalysis) -> None:
     """``x @ W^T`` followed by a separate ``+ b`` (``F.linear`` on a 3-D input decomposes so, as in
     ``nn.MultiheadAttention``'s packed input projection): ``b`` becomes ``W``'s bias (group lasso's
     "alive when the weights or the bias are above the limit") and the sum a zero point of ``W``.
-    Only for a 1-D parameter aligned entry by entry with ``W``'s output channels, added to a value
+    Only for a 1-D parameter aligned entry by entry with ``W``'s output channels (or the part of it
+    that goes with a part of ``W``'s rows, as in cross-attention's ``b.chunk(3)``), added to a value
     that is already ``W``'s zero point, when ``W`` has no other bias."""
     graph = analysis.graph
     owner = {}
@@ -520,32 +521,41 @@ def fold_bias_adds(analysis: ChannelAnalysis) -> None:
         x, y = vid(b.get("self")), vid(b.get("other"))
         for lin, bias in ((x, y), (y, x)):
             weight = owner.get(lin)
-            if weight is None or bias is None or analysis.biases.get(weight) not in (None, _state(graph, bias)):
+            if weight is None or bias is None or \
+                    analysis.biases.get(weight) not in (None, _bias_entries(analysis, bias)[0]):
                 continue
             if _aligned_bias(analysis, weight, lin, bias, node.outputs[0]):
-                analysis.biases[weight] = _state(graph, bias)
+                analysis.biases[weight] = _bias_entries(analysis, bias)[0]
                 analysis.zero_points[weight].append(node.outputs[0])
                 owner[node.outputs[0]] = weight
                 break
 
 
-def _state(graph, v: int) -> str | None:
-    return graph.values[v].state_name
+def _bias_entries(analysis: ChannelAnalysis, v: int) -> tuple[str | None, int]:
+    """The 1-D state value ``v`` is (all of it, or a part of it) and its first entry."""
+    name = analysis.graph.values[v].state_name
+    if name is not None:
+        return name, 0
+    part = analysis.parts.get(v)
+    if part is None or len(part[0].dims) != 1 or part[0].dims[0] != 0:
+        return None, 0
+    return part[0].name, part[1].get(0, 0)
 
 
 def _aligned_bias(analysis: ChannelAnalysis, weight: str, lin: int, bias: int, out: int) -> bool:
     graph, chans = analysis.graph, analysis.value_chans
-    name = _state(graph, bias)
+    name, start = _bias_entries(analysis, bias)
     info = analysis.weights[weight]
     lc, oc = chans.get(lin), chans.get(out)
     if name is None or name not in graph.parameters or lc is None or oc is None or name in analysis.opaque_states:
         return False
-    n = len(info.out_ids)
-    if graph.state_shapes.get(name) != (n,) or tuple(graph.values[bias].shape) != (n,) or \
+    n, k = len(info.out_ids), len(lc.ids)
+    if graph.state_shapes.get(name) != (n,) or tuple(graph.values[bias].shape) != (k,) or \
             lc.dim != len(graph.values[lin].shape) - 1 or oc.dim != len(graph.values[out].shape) - 1:
         return False
     slot = analysis.alignments.get((name, 0))
-    return (slot is not None and np.array_equal(lc.ids, info.out_ids) and np.array_equal(oc.ids, info.out_ids)
+    rows = info.out_ids[start:start + k]  # the weight's rows this part of the bias goes with
+    return (slot is not None and np.array_equal(lc.ids, rows) and np.array_equal(oc.ids, rows)
             and np.array_equal(analysis.group_of[slot], analysis.group_of[info.out_ids]))
 
 

@@ -31,7 +31,7 @@ from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, load_structure, rebui
 from morphnet.pipeline.regularizers import UNITS, make_regularizer
 from morphnet.pipeline.resume import Checkpointer, Interrupted, RunState, gather_rng, restore_rng
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
-from morphnet.reporting import format_number, format_summary, format_widths, write_report
+from morphnet.reporting import format_attention, format_number, format_summary, format_widths, write_report
 from morphnet.seeds import create_seed
 from morphnet.seeds.registry import takes_image_size
 from morphnet.surgery.attention import head_counts
@@ -664,12 +664,17 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         rebuilt, predicted = rebuild_stage(session, seed, counts, learned_cost=None,
                                            seed_cost=seed_stats["cost"], target_cost=None)
         slim_stats = _measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
+        channels = {row["name"]: row["channels"] for row in morphnet.cost_table(seed, session.example)}
+        seed_widths = {n: channels[n] for n in rebuilt.counts}
+        attention = attention_table(seed, _learned_model(seed, counts, session.example, rebuilt.model, rebuilt.counts),
+                                    rebuilt.model, seed_widths, counts, rebuilt.counts)
         summary = {
             "structure_file": str(structure), "seed": seed_stats, "config": cfg.to_dict(),
             "input": {"data": session.data.name, "shape": list(session.data.input_shape),
                       "num_classes": session.data.num_classes, "seed_kwargs": session.seed_kwargs},
             "slim": {**slim_stats, "predicted_cost": predicted, "widths": rebuilt.counts,
                      "width_multiplier": rebuilt.width_multiplier, "dir": name},
+            "attention": attention,
         }
         if retrain:
             summary["slim"]["accuracy"], _ = retrain_stage(session, rebuilt.model, "retrain_slim", {})
@@ -677,10 +682,10 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
             morphnet.save_slim(out / name, rebuilt.model.cpu(), rebuilt.counts)
             files.write_json(out / name / files.REBUILD_SUMMARY, summary)
             _note_replaced_slim(out, name)
-            channels = {row["name"]: row["channels"] for row in morphnet.cost_table(seed, session.example)}
-            seed_widths = {n: channels[n] for n in rebuilt.counts}
             expanded = rebuilt.counts if rebuilt.counts != counts else None
             print(format_widths(seed_widths, counts, expanded), flush=True)
+            if attention:  # the table `morphnet run` prints (seed -> slim heads per block)
+                print(format_attention({"attention": attention}), flush=True)
             print(f"seed {format_number(seed_stats['flops'])} FLOPs, {format_number(seed_stats['params'])} params -> "
                   f"slim {format_number(slim_stats['flops'])} FLOPs (counted "
                   f"{format_number(slim_stats['flops_counted'])}), {format_number(slim_stats['params'])} params; "

@@ -185,6 +185,7 @@ def _hf_llama_attention(module: nn.Module, original: nn.Module) -> None:
 def _hf_gpt2_attention(module: nn.Module, original: nn.Module) -> None:
     module.split_size = module.c_attn.weight.shape[1] // 3  # Conv1D: [in, out]; q, k, v split by it
     module.num_heads = module.split_size // original.head_dim
+    module.embed_dim = module.c_attn.weight.shape[0]  # the residual width (informational: forward reads split_size)
 
 
 # forwards that cannot run with zero heads (a size inferred with -1, a split by a size of 0)
@@ -221,6 +222,12 @@ def _hf_llama_model(module: nn.Module, original: nn.Module) -> None:
     module.config.hidden_size = module.embed_tokens.weight.shape[1]
 
 
+def _hf_gpt2_model(module: nn.Module, original: nn.Module) -> None:
+    """GPT-2's residual width (pruned only with prune_normalized=True) in the rebuilt copy's own config
+    (``n_embd``, which ``hidden_size`` maps to) and the model's ``embed_dim``."""
+    module.config.n_embd = module.embed_dim = module.wte.weight.shape[1]
+
+
 def _hf_llama_decoder_layer(module: nn.Module, original: nn.Module) -> None:
     module.hidden_size = module.input_layernorm.weight.shape[0]  # informational: forward does not read it
 
@@ -234,6 +241,7 @@ def _hf_llama_mlp(module: nn.Module, original: nn.Module) -> None:
 WIDTH_FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
     "transformers.pytorch_utils.Conv1D": _hf_conv1d,
+    "transformers.models.gpt2.modeling_gpt2.GPT2Model": _hf_gpt2_model,
     "transformers.models.llama.modeling_llama.LlamaModel": _hf_llama_model,
     "transformers.models.llama.modeling_llama.LlamaDecoderLayer": _hf_llama_decoder_layer,
     "transformers.models.llama.modeling_llama.LlamaMLP": _hf_llama_mlp,

@@ -54,6 +54,19 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
 SPLIT_BY_ATTRIBUTE = ("transformers.models.gpt2.modeling_gpt2.GPT2Attention",)
 
 
+# attention classes whose rebuild replaces their forward when their packed projection narrows
+# (``SlimMultiheadAttention``): the constant sizes their own code cuts that projection by (PyTorch's
+# cross-attention: ``w.split([E, 2 * E])``) are cut anew, so its parts there may narrow
+RECUTS_ITS_PROJECTION = ("torch.nn.modules.activation.MultiheadAttention",)
+
+
+def recuts_its_projection(w: Walker, module: str) -> bool:
+    """``module`` is an attention module of ``RECUTS_ITS_PROJECTION`` whose configuration is supported."""
+    m = w.modules.get(module)
+    kind = attention_kind(m) if m is not None else None
+    return kind in RECUTS_ITS_PROJECTION and ATTENTION_MODULES[kind](m) is not None
+
+
 def attention_kind(module: nn.Module) -> str | None:
     """The ``ATTENTION_MODULES`` key of ``module``'s class (or of a base class), or None."""
     for klass in type(module).__mro__:

@@ -55,6 +55,8 @@ def _pointwise_core(w: Walker, node, inputs: list[int], out: int | None) -> None
         sv = w.state_view(v)
         if sv is not None and sv.dims[q] is not None:
             w.align(sv.name, sv.dims[q], main)
+        elif v in w.parts and w.parts[v][0].dims[q] is not None:  # a part of a bias (``b.chunk(3)``)
+            w.elements.union(w.part_slot(v, q), main)
         else:  # a computed tensor as wide as the channels: its width cannot follow pruning
             w.elements.fix(main)
             w.make_opaque(v)
@@ -73,9 +75,12 @@ def pointwise(w: Walker, node) -> None:
     _pointwise_core(w, node, node.tensor_inputs(), node.outputs[0] if node.outputs else None)
     _record_data(w, node, _io(node))
     if node.op.overloadpacket in _COPIES and node.outputs and len(node.tensor_inputs()) == 1:
-        sv = w.state_view(node.tensor_inputs()[0])  # a copy of model state still follows its dims
+        x = node.tensor_inputs()[0]
+        sv = w.state_view(x)  # a copy of model state still follows its dims
         if sv is not None:
             w.state_views[node.outputs[0]] = sv
+        elif x in w.parts:
+            w.carry_part(x, node.outputs[0], w.parts[x][0].dims)
 
 
 handles(*_ops("hardswish", "hardswish_", "hardsigmoid_", "relu6", "mish", "mish_", "glu", "_to_copy",

@@ -107,17 +107,18 @@ def convolution(w: Walker, node) -> None:
 
 
 def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight_first: bool) -> None:
-    """``x @ W`` (or ``W @ x`` when ``weight_first``) with W a view of a 2-D parameter.
+    """``x @ W`` (or ``W @ x`` when ``weight_first``) with W a view of a 2-D parameter, or of a contiguous
+    part of one (``F.linear(q, w.chunk(3)[0])``: those rows of the parameter).
 
     W may carry broadcast batch dims (an expanded weight in a batched matmul); x is
     [..., M, K] (or [..., K, N]). Tokens (all of x's other dims) multiply the FLOPs.
     """
-    sv = w.state_view(wt)
+    sv, _ = w.part_view(wt)
     rank = len(w.shape(x))
     c_in_dim, c_out_dim = (len(sv.dims) - 1, len(sv.dims) - 2) if weight_first else (len(sv.dims) - 2,
                                                                                      len(sv.dims) - 1)
     in_state, out_state = sv.dims[c_in_dim], sv.dims[c_out_dim]
-    slot_in, slot_out = w.slot(sv.name, in_state), w.slot(sv.name, out_state)
+    slot_in, slot_out = w.part_slot(wt, c_in_dim), w.part_slot(wt, c_out_dim)
     x_contract = rank - 2 if weight_first else rank - 1
     out_dim = rank - 2 if weight_first else rank - 1
     c = w.chan(x)
@@ -133,11 +134,11 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
         out_chan = Chan(out_dim, slot_out)
     bias_name = None
     if bias is not None:
-        bsv = w.state_view(bias)
+        bview = w.part_view(bias)
         bshape = w.shape(bias)
-        if bsv is not None and bshape and bshape[-1] == len(slot_out) and bsv.dims[-1] is not None:
-            w.align(bsv.name, bsv.dims[-1], slot_out)
-            bias_name = bsv.name
+        if bview is not None and bshape and bshape[-1] == len(slot_out) and bview[0].dims[-1] is not None:
+            w.elements.union(w.part_slot(bias, len(bshape) - 1), slot_out)
+            bias_name = bview[0].name
         elif bshape and bshape[-1] != 1:
             w.elements.fix(slot_out)
             w.make_opaque(bias)
@@ -147,9 +148,10 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
             w.biases[sv.name] = bias_name
     w.set_chan(out, out_chan)
     owner = _owner(sv.name)
-    if sv.name not in w.weights:
-        w.weights[sv.name] = WeightInfo(owner, sv.name, out_state, slot_out, slot_in, 1, 1, False)
-    w.module_out.setdefault(owner, slot_out)
+    if sv.name not in w.weights:  # all of the parameter (its parts are read by several calls)
+        w.weights[sv.name] = WeightInfo(owner, sv.name, out_state, w.slot(sv.name, out_state),
+                                        w.slot(sv.name, in_state), 1, 1, False)
+    w.module_out.setdefault(owner, w.weights[sv.name].out_ids)
     tokens = _per_channel(w, x, x_contract)
     w.layer_calls.append(LayerCall(
         module=owner, weight=sv.name, kind="linear", in_ids=slot_in, out_ids=slot_out, groups=1,
@@ -157,16 +159,18 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
 
 
 def _weight_view(w: Walker, v: int, rank: int) -> bool:
-    """A view of a 2-D parameter with its two dims last (batch dims broadcast): a linear weight."""
-    sv = w.state_view(v)
+    """A view of a 2-D parameter, or of a part of one, with its two dims last (batch dims broadcast):
+    a linear weight."""
+    view = w.part_view(v)
+    sv = view[0] if view is not None else None
     return (sv is not None and sv.name in w.graph.parameters and len(sv.dims) == rank and rank >= 2
             and sv.dims[-1] is not None and sv.dims[-2] is not None and all(d is None for d in sv.dims[:-2])
             and len(w.graph.state_shapes[sv.name]) == 2)
 
 
 def _not_weight(w: Walker, v: int) -> bool:
-    sv = w.state_view(v)
-    return sv is None or sv.name not in w.graph.parameters
+    view = w.part_view(v)
+    return view is None or view[0].name not in w.graph.parameters
 
 
 @handles(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_ops("matmul", "linear"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from morphnet.channels.analysis import Chan, ShapeCheck, StateView, Walker, bind, vid
-from morphnet.channels.handlers.attention import split_by_attribute, split_rule
+from morphnet.channels.handlers.attention import recuts_its_projection, split_by_attribute, split_rule
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 from morphnet.channels.views import (
     map_channel_through_view,
@@ -35,6 +35,9 @@ def view(w: Walker, node) -> None:
             w.state_views[out] = StateView(sv.name, dims)
     else:
         w.derive(out, x)
+        part = w.parts.get(x)
+        if part is not None:
+            w.carry_part(x, out, map_state_dims_through_view(old, new, part[0].dims))
 
 
 def _split_view(w: Walker, node, old, new, c: Chan) -> None:
@@ -89,6 +92,8 @@ def _permuted(w: Walker, x: int, out: int, perm: list[int]) -> None:
         w.state_views[out] = StateView(sv.name, tuple(sv.dims[p] for p in perm))
     else:
         w.derive(out, x)
+        if x in w.parts:
+            w.carry_part(x, out, tuple(w.parts[x][0].dims[p] for p in perm))
 
 
 @handles(*_ops("permute"))
@@ -136,6 +141,10 @@ def expand(w: Walker, node) -> None:
         w.state_views[out] = StateView(sv.name, tuple(dims))
     else:
         w.derive(out, x)
+        if x in w.parts:  # an expanded weight of a batched product
+            dims = w.parts[x][0].dims
+            w.carry_part(x, out, tuple([None] * shift + [dims[i] if old[i] == new[i + shift] else None
+                                                         for i in range(len(old))]))
 
 
 @handles(*_ops("unsqueeze", "unsqueeze_"))
@@ -217,6 +226,43 @@ def slice_(w: Walker, node) -> None:
         else:
             w.fix(x)
     _sliced_state(w, x, out, dim, True, full)
+    start = b.get("start")
+    start = 0 if start is None else start
+    if not full and b.get("step", 1) == 1 and isinstance(start, int) and start >= 0 and \
+            _part(w, x, out, dim, start) and not recuts_its_projection(w, node.module):
+        w.elements.fix(w.part_slot(x, dim))  # cut at constant positions: that dim keeps its width
+
+
+def _part(w: Walker, x: int, out: int, dim: int, offset: int) -> bool:
+    """``out`` is entries ``offset ...`` along ``dim`` of ``x``, a 1-D or 2-D parameter or a part of one
+    (``w.chunk(3)``, ``b[:n]``): the parameter's own entries, for a linear layer that reads it. False when
+    ``x`` is no such parameter."""
+    view = w.part_view(x)
+    if view is None or view[0].dims[dim] is None or view[0].name not in w.graph.parameters or \
+            len(w.graph.state_shapes[view[0].name]) > 2:
+        return False
+    sv, starts = view
+    state_dim = sv.dims[dim]
+    w.parts[out] = (sv, {**starts, state_dim: starts.get(state_dim, 0) + offset})
+    w.part_readers.add((w.node.index, x))
+    return True
+
+
+def _cut_parameter(w: Walker, node, x: int, dim: int) -> None:
+    """Parts of a parameter cut by a split: ``chunk(n)`` into equal parts cuts where the narrowed
+    parameter's width says, so position j of every part is tied (every part keeps the same positions;
+    checked after the rebuild); sizes that are constants in the code keep that dim's width, except in an
+    attention module whose rebuild replaces the code (``RECUTS_ITS_PROJECTION``)."""
+    if not any(o in w.parts for o in node.outputs if o is not None):
+        return
+    whole = all(o is not None and o in w.parts for o in node.outputs)
+    parts = [w.part_slot(o, dim) for o in node.outputs] if whole else []
+    if whole and node.python_op == "chunk" and len({len(p) for p in parts}) == 1 and len(parts) > 1:
+        w.elements.union(np.tile(parts[0], len(parts) - 1), np.concatenate(parts[1:]))
+        for pos, ids in enumerate(parts):
+            w.shape_checks.append(ShapeCheck(node.index, pos, dim, ids))
+    elif not recuts_its_projection(w, node.module):
+        w.elements.fix(w.part_slot(x, dim))
 
 
 @handles(*_ops("select"))
@@ -275,12 +321,18 @@ def split(w: Walker, node) -> None:
                 w.set_chan(o, Chan(dim, c.ids[start:start + n]))
                 start += n
         return
+    offset = 0
     for o in node.outputs:
         if o is None:
             continue
         if c is not None:
             w.set_chan(o, Chan(c.dim - (1 if removes and c.dim > dim else 0), c.ids))
         _sliced_state(w, x, o, dim, not removes, False)
+        if not removes:
+            _part(w, x, o, dim, offset)
+            offset += w.shape(o)[dim]
+    if not removes:
+        _cut_parameter(w, node, x, dim)
 
 
 @handles(*_ops("as_strided", "as_strided_"))
