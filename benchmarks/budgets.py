@@ -163,9 +163,28 @@ register_regularizer("gamma-unweighted-floor", "flops", lambda model, example, t
 #: soft-threshold step (``morphnet.ProximalStep``: exact zeros, no oscillation under momentum).
 register_regularizer("gamma-floor-prox", "flops", lambda model, example, threshold, hardware:
                      morphnet.GammaFlopsRegularizer(model, example, gamma_threshold=threshold, min_layer_fraction=0.25))
+
+
+class RmsGroupedGammaFlops(morphnet.GammaFlopsRegularizer):
+    """Recipe candidate (fourth session): a channel group shared by several BatchNorms is penalized by the
+    root mean square of their |gamma| (what group lasso now does for a head's rows) instead of the max.
+    Under the max the term's gradient reaches only the largest member of a residual group; the root mean
+    square pushes every member in proportion to its scale, with about the max's total (the sum, rejected
+    above, pushes each member with the group's full cost). Alive is still the OR."""
+
+    def _make_source(self, model):
+        source = super()._make_source(model)
+        source.combine = "rms"
+        return source
+
+
+#: Recipe candidate (fourth session): the adopted floor recipe with root-mean-square grouping.
+register_regularizer("gamma-floor-rms", "flops", lambda model, example, threshold, hardware:
+                     RmsGroupedGammaFlops(model, example, gamma_threshold=threshold, min_layer_fraction=0.25))
 #: Recipe candidates of phase ``recipe`` (validation split only): --recipe NAME; a name ending in
 #: ``-prox`` learns with the proximal step.
-RECIPES = ("gamma-sum", "gamma-floor", "gamma-unweighted", "gamma-unweighted-floor", "gamma-floor-prox")
+RECIPES = ("gamma-sum", "gamma-floor", "gamma-unweighted", "gamma-unweighted-floor", "gamma-floor-prox",
+           "gamma-floor-rms")
 
 
 class Bench:
