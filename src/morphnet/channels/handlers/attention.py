@@ -37,6 +37,9 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     # rotary embeddings act inside a head (its width stays), so whole heads prune; grouped-query
     # AttentionRope ties heads with repeat_interleave, which is not followed: its heads stay
     "timm.layers.attention.AttentionRope": lambda m: m.head_dim if m.num_kv_groups == 1 else None,
+    # EVA / timm's rotary ViTs (vit_*_rope_reg*): rotary pairs and q / k norms act inside a head; its
+    # rebuild gets a forward that merges the heads back to num_heads * head_dim (its own reads the input width)
+    "timm.models.eva.EvaAttention": lambda m: m.head_dim,
     "timm.models.swin_transformer.WindowAttention": lambda m: m.qkv.out_features // 3 // m.num_heads,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: m.head_dim,
     "torchvision.models.swin_transformer.ShiftedWindowAttention":
