@@ -233,3 +233,16 @@ def test_proximal_step_shrinks_the_q_and_v_biases_with_their_heads():
     prox.step(1e9, 1.0)  # past every group's norm: all regularized rows and their biases reach zero
     assert attention.qkv.weight.abs().sum() == attention.q_bias.abs().sum() == attention.v_bias.abs().sum() == 0
     assert reg.alive_counts()["blocks.0.attn.qkv"] == 0
+
+
+def test_an_eva_attention_of_an_older_timm_keeps_its_heads(monkeypatch):
+    """The rebuilt forward follows timm's current EvaAttention (masks through ``resolve_self_attn_mask``);
+    without it the heads stay fixed, the safe behaviour."""
+    import timm.layers
+
+    monkeypatch.delattr(timm.layers, "resolve_self_attn_mask")
+    model, x = eva("eva02_tiny_patch14_224", 56)
+    reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-3)
+    a = reg.analysis
+    assert a.fixed_group[a.group_of[a.alignments[("blocks.0.attn.qkv.weight", 0)]]].all()
+    assert reg.get_cost().item() == counted_flops(model, x)

@@ -65,7 +65,7 @@ class ProximalStep:
                 # term's gradient, which for a group-lasso norm is the same factor as their rows'; a buffer in a
                 # joined bias (EVA's zero k_bias) is a constant that stays
                 rows += [(getattr(m, a), 0, None) for b in source._biases if not isinstance(b, int)
-                         for m, a, _ in b if a in m._parameters]
+                         for m, a, _ in b if isinstance(getattr(m, a), nn.Parameter)]
         else:
             raise TypeError(f"ProximalStep: {type(regularizer).__name__} has no BatchNorm-scale or group-lasso "
                             f"source ({type(source).__name__}); add its term to the loss instead")
