@@ -3,7 +3,8 @@
 Its fused projection adds a joined bias, ``torch.cat((q_bias, k_bias, v_bias))`` (k_bias a zero buffer):
 each part goes with its rows of the projection, so the rebuild slices all three with the heads, and group
 lasso sees the parts as the biases of their rows (a head whose rows are zero but whose v_bias is not
-still outputs a constant the projection reads: alive). Its forward merges the heads back to the input
+still outputs a constant the projection reads: alive); added after the projection (``qkv_bias_separate``) it
+is folded into the projection's bias the same way. Its forward merges the heads back to the input
 width, so a rebuilt module with fewer heads gets a forward that merges them to num_heads * head_dim.
 """
 
@@ -95,11 +96,14 @@ def test_eva_heads_are_channel_groups_and_removed_exactly(name, size):
     assert counted_flops(slim, x) == reg.get_cost().item() < seed_flops
 
 
-@pytest.mark.parametrize("name,size", MODELS, ids=IDS)
-def test_a_head_whose_v_bias_lives_is_not_dead(name, size):
+@pytest.mark.parametrize("name,size,separate", [(*m, False) for m in MODELS] + [(*MODELS[0], True)],
+                         ids=IDS + ["bias_added_after_the_projection"])
+def test_a_head_whose_v_bias_lives_is_not_dead(name, size, separate):
     """Zero q, k and v rows with a non-zero v_bias entry: v is that constant, which the output projection
     reads, so the head is alive and the rebuild keeps it."""
     model, x = eva(name, size)
+    for attention in attentions(model):
+        attention.qkv_bias_separate = separate
     attention = model.blocks[0].attn
     h, d = attention.num_heads, attention.head_dim
     kill_heads(attention, [0])
@@ -142,6 +146,8 @@ VARIANTS = {
     "qk_norm": ({"qk_norm": True}, None),
     "explicit_attention": ({}, lambda m: setattr(m, "fused_attn", False)),
     "all_heads_of_a_block": ({}, None),
+    # the joined bias added to the projection's output (folded into the projection's bias)
+    "bias_added_after_the_projection": ({}, lambda m: setattr(m, "qkv_bias_separate", True)),
 }
 
 
@@ -165,27 +171,6 @@ def test_eva_variants_rebuild_exactly(variant):
         got = slim(x)
     assert relative_error(got, want) < 1e-5
     assert counted_flops(slim, x) == reg.get_cost().item()
-
-
-def test_a_bias_added_after_the_projection_keeps_the_heads():
-    """``qkv_bias_separate``: the joined bias is added to the projection's output (not followed): the heads
-    stay, the cost is exact and the rebuild (MLP units only) computes the same function."""
-    model, x = eva("eva02_tiny_patch14_224", 56)
-    for attention in attentions(model):
-        attention.qkv_bias_separate = True
-    reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-3)
-    assert reg.get_cost().item() == counted_flops(model, x)
-    a = reg.analysis
-    assert a.fixed_group[a.group_of[a.alignments[("blocks.0.attn.qkv.weight", 0)]]].all()
-    kill_groups(model, reg, random_dead_groups(reg, seed=0)[0])
-    with torch.no_grad():
-        want = model(x)
-    slim = morphnet.apply_structure(model, reg, x, keep_weights=True).eval()
-    assert head_counts(slim) == head_counts(model)
-    with torch.no_grad():
-        got = slim(x)
-    assert relative_error(got, want) < 1e-5
-    assert counted_flops(slim, x) == reg.get_cost().item() < counted_flops(model, x)
 
 
 CONFIGS = {

@@ -140,6 +140,8 @@ class ChannelAnalysis:
     normalized: list[np.ndarray] = field(default_factory=list)  # channels prunable only by prune_normalized
     # value index -> (view, first index per sliced dim) of a part of a parameter (see ``Walker.parts``)
     parts: dict[int, tuple[StateView, dict[int, int]]] = field(default_factory=dict)
+    # value index -> (state, first entry) per part of a joined 1-D value (see ``Walker.joined``)
+    joined: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -430,6 +432,7 @@ def analyze_channels(
         blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
         normalized=w.normalized, value_chans=w.chans, zero_points=w.zero_points, biases=w.biases,
         parts={v: part for v, part in w.parts.items() if part[0].name not in w.opaque},
+        joined={v: parts for v, parts in w.joined.items() if not any(name in w.opaque for name, _ in parts)},
     )
     from morphnet.channels.coverage import fold_bias_adds
 
