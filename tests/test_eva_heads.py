@@ -117,6 +117,7 @@ def test_a_head_whose_v_bias_lives_is_not_dead(name, size, separate):
     slim = morphnet.apply_structure(model, reg, x, keep_weights=True).eval()
     assert head_counts(slim)["blocks.0.attn"] == (h, d)
     with torch.no_grad():
+        assert relative_error(slim(x), model(x)) < 1e-6
         attention.v_bias.view(h, d)[0, 3] = 0  # now the head is dead
     assert not reg.alive_groups()[head]
     assert reg.alive_counts()["blocks.0.attn.qkv"] == 3 * (h - 1) * d
