@@ -151,9 +151,9 @@ def kill_groups(model: nn.Module, reg, dead, seed: int = 0) -> None:
                 if (name, info.out_dim) not in a.alignments or name in a.opaque_states:
                     continue
                 state[name].movedim(info.out_dim, 0)[rows(name, info.out_dim)] = 0
-                bias = a.biases.get(name)
-                if bias is not None and (bias, 0) in a.alignments:
-                    state[bias][rows(bias, 0)] = 0
+                for bias, _ in a.bias_parts(name):  # one bias, or each part of a joined one
+                    if (bias, 0) in a.alignments:
+                        state[bias][rows(bias, 0)] = 0
         else:
             for gate in reg.source.names:
                 logits = f"{gate}.logits" if gate else "logits"

@@ -133,7 +133,7 @@ def kill(model, reg, rng, kill_biases):
     dead = (g.regularized | g.uncovered) & (rng.random(len(g.regularized)) < 0.4)
     kill_groups(model, reg, dead, seed=int(rng.integers(1 << 30)))
     a = reg.analysis
-    state = dict(model.named_parameters())
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         if type(reg.source).__name__ == "GammaSource":
             for name in a.gamma_sources:
@@ -146,12 +146,13 @@ def kill(model, reg, rng, kill_biases):
                     continue
                 hit = torch.as_tensor(rng.random(state[name].shape[info.out_dim]) < 0.2)
                 state[name].movedim(info.out_dim, 0)[hit] = 0
-                bias = a.biases.get(name)
-                if bias is not None and kill_biases and state[bias].shape[0] == len(hit):
-                    state[bias][hit] = 0
+                parts = a.bias_parts(name)  # one bias, or the parts of a joined one, each with its rows
+                if kill_biases and sum(state[bias].shape[0] for bias, _ in parts) == len(hit):
+                    for bias, start in parts:
+                        state[bias][hit[start:start + state[bias].shape[0]]] = 0
             if not kill_biases:  # zero rows whose bias lives on: a constant the next layer reads
                 gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
-                for bias in a.biases.values():
+                for bias in sorted({bias for name in a.biases for bias, _ in a.bias_parts(name)}):
                     state[bias].copy_(torch.randn(state[bias].shape, generator=gen) * 0.3)
         else:
             for gate in reg.source.names:

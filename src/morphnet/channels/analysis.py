@@ -131,16 +131,29 @@ class ChannelAnalysis:
     blacklisted_group: np.ndarray
     value_chans: dict[int, Chan]  # value index -> its channel dim and element ids (see coverage.py)
     zero_points: dict[str, list[int]]  # source state -> values that are zero where its entries are
-    biases: dict[str, str]  # conv / linear weight -> the bias added to its output channels
+    # conv / linear weight -> the bias added to its output channels: a state name, or the parts of a bias
+    # joined from several 1-D states (``torch.cat((q_bias, k_bias, v_bias))``) as (state, first row); read
+    # it with ``bias_parts``
+    biases: dict[str, str | list[tuple[str, int]]]
     products: list[ProductCall] = field(default_factory=list)
     shape_checks: list[ShapeCheck] = field(default_factory=list)
     normalized: list[np.ndarray] = field(default_factory=list)  # channels prunable only by prune_normalized
     # value index -> (view, first index per sliced dim) of a part of a parameter (see ``Walker.parts``)
     parts: dict[int, tuple[StateView, dict[int, int]]] = field(default_factory=dict)
+    # value index -> (state, first entry) per part of a joined 1-D value (see ``Walker.joined``)
+    joined: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
         return self.graph.batch_size
+
+    def bias_parts(self, weight: str) -> list[tuple[str, int]]:
+        """The states added to ``weight``'s output channels, each with the first row it goes with: [(bias, 0)]
+        for one bias, several for a joined one, [] for none."""
+        bias = self.biases.get(weight)
+        if bias is None:
+            return []
+        return [(bias, 0)] if isinstance(bias, str) else list(bias)
 
 
 def _norm_names(items, model: nn.Module | None, what: str) -> list[str]:
@@ -177,6 +190,9 @@ class Walker:
         # (a linear layer's rows or columns, a bias) makes the parameter opaque
         self.parts: dict[int, tuple[StateView, dict[int, int]]] = {}
         self.part_readers: set[tuple[int, int]] = set()  # (node, value): a part read as what it is
+        # a 1-D value joined from whole 1-D parameters / buffers (``torch.cat((q_bias, k_bias, v_bias))``):
+        # (state, first entry in the value) per part; readers that take it for a bias follow each part
+        self.joined: dict[int, list[tuple[str, int]]] = {}
         self.derived: dict[int, set[str]] = {}
         self.slots: dict[tuple[str, int], np.ndarray] = {}
         self.opaque: set[str] = set()
@@ -191,7 +207,7 @@ class Walker:
         self.prune_normalized = False  # LayerNorm'd channels prunable (not function-preserving)
         self.normalized: list[np.ndarray] = []
         self.zero_points: dict[str, list[int]] = {}
-        self.biases: dict[str, str] = {}
+        self.biases: dict[str, str | list[tuple[str, int]]] = {}
         self.node: OpNode | None = None
         self._consumers: dict[int, list[int]] | None = None
         for v in graph.values:
@@ -416,6 +432,7 @@ def analyze_channels(
         blacklisted_group=blacklisted, products=w.products, shape_checks=w.shape_checks,
         normalized=w.normalized, value_chans=w.chans, zero_points=w.zero_points, biases=w.biases,
         parts={v: part for v, part in w.parts.items() if part[0].name not in w.opaque},
+        joined={v: parts for v, parts in w.joined.items() if not any(name in w.opaque for name, _ in parts)},
     )
     from morphnet.channels.coverage import fold_bias_adds
 

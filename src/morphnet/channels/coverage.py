@@ -495,8 +495,9 @@ def fold_bias_adds(analysis: ChannelAnalysis) -> None:
     ``nn.MultiheadAttention``'s packed input projection): ``b`` becomes ``W``'s bias (group lasso's
     "alive when the weights or the bias are above the limit") and the sum a zero point of ``W``.
     Only for a 1-D parameter aligned entry by entry with ``W``'s output channels (or the part of it
-    that goes with a part of ``W``'s rows, as in cross-attention's ``b.chunk(3)``), added to a value
-    that is already ``W``'s zero point, when ``W`` has no other bias."""
+    that goes with a part of ``W``'s rows, as in cross-attention's ``b.chunk(3)``), or a bias joined from
+    1-D states whose parts go with ``W``'s rows (EVA's ``qkv_bias_separate``), added to a value that is
+    already ``W``'s zero point, when ``W`` has no other bias."""
     graph = analysis.graph
     owner = {}
     for name, values in analysis.zero_points.items():
@@ -521,6 +522,12 @@ def fold_bias_adds(analysis: ChannelAnalysis) -> None:
         x, y = vid(b.get("self")), vid(b.get("other"))
         for lin, bias in ((x, y), (y, x)):
             weight = owner.get(lin)
+            if weight is not None and bias in analysis.joined and weight not in analysis.biases and \
+                    _aligned_joined_bias(analysis, weight, lin, bias, node.outputs[0]):
+                analysis.biases[weight] = list(analysis.joined[bias])
+                analysis.zero_points[weight].append(node.outputs[0])
+                owner[node.outputs[0]] = weight
+                break
             if weight is None or bias is None or \
                     analysis.biases.get(weight) not in (None, _bias_entries(analysis, bias)[0]):
                 continue
@@ -557,6 +564,24 @@ def _aligned_bias(analysis: ChannelAnalysis, weight: str, lin: int, bias: int, o
     rows = info.out_ids[start:start + k]  # the weight's rows this part of the bias goes with
     return (slot is not None and np.array_equal(lc.ids, rows) and np.array_equal(oc.ids, rows)
             and np.array_equal(analysis.group_of[slot], analysis.group_of[info.out_ids]))
+
+
+def _aligned_joined_bias(analysis: ChannelAnalysis, weight: str, lin: int, bias: int, out: int) -> bool:
+    """``bias`` joins 1-D states (``torch.cat((q_bias, k_bias, v_bias))``) that go, part by part, with all of
+    ``weight``'s rows, which ``lin`` and the sum carry on their last dim."""
+    graph, chans = analysis.graph, analysis.value_chans
+    rows = analysis.weights[weight].out_ids
+    lc, oc = chans.get(lin), chans.get(out)
+    if lc is None or oc is None or tuple(graph.values[bias].shape) != (len(rows),) or \
+            lc.dim != len(graph.values[lin].shape) - 1 or oc.dim != len(graph.values[out].shape) - 1 or \
+            not np.array_equal(lc.ids, rows) or not np.array_equal(oc.ids, rows):
+        return False
+    for name, start in analysis.joined[bias]:
+        slot = analysis.alignments.get((name, 0))
+        if slot is None or name in analysis.opaque_states or \
+                not np.array_equal(analysis.group_of[slot], analysis.group_of[rows[start:start + len(slot)]]):
+            return False
+    return True
 
 
 __all__ = ["ZERO_RULES", "ZERO_LEAF_RULES", "ZeroPass", "covered_groups", "zero_rule", "zero_rule_module",

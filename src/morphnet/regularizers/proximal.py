@@ -62,8 +62,10 @@ class ProximalStep:
                                  f"plain group L2 norm only: use l1_fraction=0 or add the term to the loss")
             rows = [(getattr(m, a), d, n) for _, entries in source.buckets for (m, a), d, n in entries]
             if source.penalize_bias:  # biases are part of their rows' groups: shrunk element-wise by the
-                # term's gradient, which for a group-lasso norm is the same factor as their rows'
-                rows += [(getattr(b[0], b[1]), 0, None) for b in source._biases if not isinstance(b, int)]
+                # term's gradient, which for a group-lasso norm is the same factor as their rows'; a buffer in a
+                # joined bias (EVA's zero k_bias) is a constant that stays
+                rows += [(getattr(m, a), 0, None) for b in source._biases if not isinstance(b, int)
+                         for m, a, _ in b if isinstance(getattr(m, a), nn.Parameter)]
         else:
             raise TypeError(f"ProximalStep: {type(regularizer).__name__} has no BatchNorm-scale or group-lasso "
                             f"source ({type(source).__name__}); add its term to the loss instead")

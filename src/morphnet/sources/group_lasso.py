@@ -54,21 +54,20 @@ class GroupLassoSource(Source):
         self.buckets = []
         elements = []
         self.zero_values = []
-        self._biases = []  # per entry, in the order of values(): (module, attribute) of the bias, or row count
+        # per entry, in the order of values(): its bias as parts (module, attribute, rows), or its row count
+        self._biases = []
         for row_len in sorted(buckets):
             # one row per entry of the weight's output dim (per group for transposed grouped convs)
             rows = [(n, i.out_dim, analysis.alignments[(n, i.out_dim)]) for n, i in buckets[row_len]]
             self.buckets.append((row_len, [(_param(model, n), d, len(ids)) for n, d, ids in rows]))
             elements.extend(ids for _, _, ids in rows)
             for n, _, ids in rows:
-                bias = analysis.biases.get(n)
-                shape = analysis.graph.state_shapes.get(bias)
-                if bias is not None and (len(shape) != 1 or shape[0] % len(ids)):
+                parts = _bias_parts(model, analysis, n, len(ids))
+                if parts is None:
                     self._biases.append(len(ids))  # a bias that does not follow the rows: never zero evidence
                     continue
                 self.zero_values.extend(analysis.zero_points.get(n, []))
-                # a transposed grouped conv's row j makes output channel j of every group: g biases
-                self._biases.append((*_param(model, bias), len(ids)) if bias is not None else len(ids))
+                self._biases.append(parts or len(ids))
         self.elements = np.concatenate(elements) if elements else np.zeros(0, np.int64)
         # per bucket: the biases of its entries (in values() order) and each row's bias count
         self._bucket_biases = []
@@ -77,7 +76,8 @@ class GroupLassoSource(Source):
             specs = self._biases[start:start + len(entries)]
             start += len(entries)
             counts = [np.full(b, 0.0) if isinstance(b, int) else
-                      np.full(b[2], float(self._bias_rows(b).shape[1])) for b in specs]
+                      np.concatenate([np.full(rows, float(getattr(m, a).numel() // rows)) for m, a, rows in b])
+                      for b in specs]
             has = self.penalize_bias and any(not isinstance(b, int) for b in specs)
             self._bucket_biases.append((specs, torch.as_tensor(np.concatenate(counts) + row_len)) if has else None)
         self.limits: torch.Tensor | float = self.threshold
@@ -112,12 +112,10 @@ class GroupLassoSource(Source):
         return torch.cat(norms)
 
     @staticmethod
-    def _bias_rows(spec) -> torch.Tensor:
+    def _bias_rows(parts) -> torch.Tensor:
         """A bias as (rows, biases per row): one, or g for a transposed grouped conv (channel j of every
-        group comes from row j)."""
-        module, attr, rows = spec
-        bias = getattr(module, attr)
-        return bias.reshape(-1, rows).t()
+        group comes from row j); the parts of a joined bias one after the other (one bias per row)."""
+        return torch.cat([getattr(module, attr).reshape(-1, rows).t() for module, attr, rows in parts])
 
     def bias_magnitudes(self, like: torch.Tensor) -> torch.Tensor:
         """|bias| of every entry's output channel (0 for layers without a bias), one ``cat``."""
@@ -129,9 +127,9 @@ class GroupLassoSource(Source):
                     self._zeros[key] = torch.zeros(b, device=like.device, dtype=like.dtype)
                 parts.append(self._zeros[key])
             else:
-                module, attr, rows = b
-                bias = getattr(module, attr).detach().to(like.dtype)
-                parts.append(bias if len(bias) == rows else bias.abs().reshape(-1, rows).amax(0))
+                for module, attr, rows in b:
+                    bias = getattr(module, attr).detach().to(like.dtype)
+                    parts.append(bias if len(bias) == rows else bias.abs().reshape(-1, rows).amax(0))
         return torch.cat(parts).abs()
 
     def alive(self, values: torch.Tensor) -> torch.Tensor:
@@ -143,3 +141,24 @@ class GroupLassoSource(Source):
         if any(not isinstance(b, int) for b in self._biases):
             alive = alive | (self.bias_magnitudes(values) > limits)
         return alive
+
+
+def _bias_parts(model: nn.Module, analysis: ChannelAnalysis, weight: str, rows: int) -> list | None:
+    """``weight``'s bias as parts (module, attribute, rows it goes with), in row order: [] without a bias,
+    None for a bias that does not follow the rows. One bias: a transposed grouped conv's row j makes output
+    channel j of every group, so it has g entries per row. A joined bias (``torch.cat((q_bias, k_bias,
+    v_bias))``): one entry per row, each part covering its rows."""
+    parts = sorted(analysis.bias_parts(weight), key=lambda part: part[1])
+    if not parts:
+        return []
+    shapes = [analysis.graph.state_shapes.get(name) for name, _ in parts]
+    if len(parts) == 1:
+        if len(shapes[0]) != 1 or shapes[0][0] % rows or parts[0][1] != 0:
+            return None
+        return [(*_param(model, parts[0][0]), rows)]
+    if any(len(shape) != 1 for shape in shapes):
+        return None
+    ends = np.cumsum([0] + [shape[0] for shape in shapes])
+    if [start for _, start in parts] != ends[:-1].tolist() or ends[-1] != rows:
+        return None
+    return [(*_param(model, name), shape[0]) for (name, _), shape in zip(parts, shapes)]

@@ -90,6 +90,53 @@ def _timm_attention_rope(module: nn.Module, original: nn.Module) -> None:
     module.attn_dim = module.kv_dim = rows
 
 
+def _eva_attention_forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                           attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """timm's EvaAttention with ``num_heads`` heads of the original width (its own forward reshapes the
+    heads back to the input width): the same projections and biases, q / k norms, rotary embedding after
+    the prefix tokens, scale, masks, output norm and gate."""
+    from timm.layers import apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_mask
+
+    n, length, _ = x.shape
+    h, d = self.num_heads, self.head_dim
+    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    if self.qkv is not None:
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        elif self.qkv_bias_separate:
+            qkv = self.qkv(x) + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        else:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(n, length, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (proj(x).reshape(n, length, h, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj,
+                                                                                   self.v_proj))
+    q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+        p, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(v)
+    if self.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(length, attn, attn_mask, is_causal=is_causal))
+        out = self.attn_drop(attn.softmax(dim=-1)) @ v
+    out = self.norm(out.transpose(1, 2).reshape(n, length, h * d))
+    if gate is not None:
+        out = out * gate
+    return self.proj_drop(self.proj(out))
+
+
+def _timm_eva_attention(module: nn.Module, original: nn.Module) -> None:
+    projection = "qkv" if original.qkv is not None else "q_proj"
+    rows = getattr(module, projection).weight.shape[0] // (3 if projection == "qkv" else 1)
+    module.num_heads = rows // original.head_dim
+    if getattr(module, projection).weight.shape != getattr(original, projection).weight.shape:
+        module.__class__ = _slim_class(type(original), _eva_attention_forward)
+
+
 def _timm_window_attention(module: nn.Module, original: nn.Module) -> None:
     head_dim = original.qkv.out_features // 3 // original.num_heads
     module.num_heads = module.qkv.weight.shape[0] // 3 // head_dim
@@ -197,6 +244,7 @@ FIXUPS: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "torch.nn.modules.activation.MultiheadAttention": _mha,
     "timm.layers.attention.Attention": _timm_attention,
     "timm.layers.attention.AttentionRope": _timm_attention_rope,
+    "timm.models.eva.EvaAttention": _timm_eva_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_window_attention,
     "torchvision.models.swin_transformer.ShiftedWindowAttention": _torchvision_window_attention,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _torchvision_maxvit_attention,

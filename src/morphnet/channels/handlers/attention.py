@@ -15,6 +15,7 @@ two products for a fused attention kernel.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,15 @@ from torch import nn
 
 from morphnet.channels.analysis import Chan, ProductCall, Walker, bind, vid
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, handles
+
+
+def _eva_head_dim(m: nn.Module) -> int | None:
+    """The EvaAttention whose forward the rebuild's replaces (timm with ``resolve_self_attn_mask``, gates and
+    q / k norms); an older one keeps its heads."""
+    layers = sys.modules.get("timm.layers")
+    current = layers is not None and hasattr(layers, "resolve_self_attn_mask") and hasattr(layers, "maybe_add_mask")
+    attributes = ("gate", "q_norm", "k_norm", "norm", "qkv_bias_separate", "num_prefix_tokens", "fused_attn")
+    return m.head_dim if current and all(hasattr(m, a) for a in attributes) else None
 
 
 def _mha_head_dim(m: nn.Module) -> int | None:
@@ -37,6 +47,9 @@ ATTENTION_MODULES: dict[str, Callable[[nn.Module], int | None]] = {
     # rotary embeddings act inside a head (its width stays), so whole heads prune; grouped-query
     # AttentionRope ties heads with repeat_interleave, which is not followed: its heads stay
     "timm.layers.attention.AttentionRope": lambda m: m.head_dim if m.num_kv_groups == 1 else None,
+    # EVA / timm's rotary ViTs (vit_*_rope_reg*): rotary pairs and q / k norms act inside a head; its
+    # rebuild gets a forward that merges the heads back to num_heads * head_dim (its own reads the input width)
+    "timm.models.eva.EvaAttention": _eva_head_dim,
     "timm.models.swin_transformer.WindowAttention": lambda m: m.qkv.out_features // 3 // m.num_heads,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: m.head_dim,
     "torchvision.models.swin_transformer.ShiftedWindowAttention":

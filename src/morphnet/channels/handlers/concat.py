@@ -49,5 +49,13 @@ def cat(w: Walker, node) -> None:
         elif positions:
             for t in tensors:
                 w.fix(t)
+    if not is_stack and out_rank == 1 and tensors and all(_whole_1d_state(w, t) for t in tensors):
+        starts = np.cumsum([0] + [w.shape(t)[0] for t in tensors[:-1]])
+        w.joined[out] = [(w.state_view(t).name, int(s)) for t, s in zip(tensors, starts)]
     w.derive(out, *tensors)
     _record_data(w, node, _io(node))
+
+
+def _whole_1d_state(w: Walker, v: int) -> bool:
+    sv = w.state_view(v)
+    return sv is not None and sv.dims == (0,) and w.graph.state_shapes.get(sv.name) == w.shape(v)

@@ -57,6 +57,9 @@ def _pointwise_core(w: Walker, node, inputs: list[int], out: int | None) -> None
             w.align(sv.name, sv.dims[q], main)
         elif v in w.parts and w.parts[v][0].dims[q] is not None:  # a part of a bias (``b.chunk(3)``)
             w.elements.union(w.part_slot(v, q), main)
+        elif v in w.joined:  # a joined bias (``torch.cat((q_bias, k_bias, v_bias))``): each part, its entries
+            for name, start in w.joined[v]:
+                w.elements.union(w.slot(name, 0), main[start:start + w.graph.state_shapes[name][0]])
         else:  # a computed tensor as wide as the channels: its width cannot follow pruning
             w.elements.fix(main)
             w.make_opaque(v)

@@ -113,7 +113,7 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
     W may carry broadcast batch dims (an expanded weight in a batched matmul); x is
     [..., M, K] (or [..., K, N]). Tokens (all of x's other dims) multiply the FLOPs.
     """
-    sv, _ = w.part_view(wt)
+    sv, starts = w.part_view(wt)
     rank = len(w.shape(x))
     c_in_dim, c_out_dim = (len(sv.dims) - 1, len(sv.dims) - 2) if weight_first else (len(sv.dims) - 2,
                                                                                      len(sv.dims) - 1)
@@ -139,6 +139,10 @@ def _linear(w: Walker, node, x: int, wt: int, bias: int | None, out: int, weight
         if bview is not None and bshape and bshape[-1] == len(slot_out) and bview[0].dims[-1] is not None:
             w.elements.union(w.part_slot(bias, len(bshape) - 1), slot_out)
             bias_name = bview[0].name
+        elif bias in w.joined and bshape == (len(slot_out),) and not starts and not weight_first:
+            for name, start in w.joined[bias]:  # EVA's torch.cat((q_bias, k_bias, v_bias)): each part, its rows
+                w.elements.union(w.slot(name, 0), slot_out[start:start + w.graph.state_shapes[name][0]])
+            bias_name = list(w.joined[bias])
         elif bshape and bshape[-1] != 1:
             w.elements.fix(slot_out)
             w.make_opaque(bias)
