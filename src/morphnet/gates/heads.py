@@ -20,7 +20,8 @@ grouped-query attention: the query heads of one key / value head) one logit gate
 
 ``nn.MultiheadAttention`` applies its output projection inside functional code, where no hook
 reaches; ``add_gates`` gives such a module a subclass whose forward computes the same attention
-and calls ``out_proj`` as a module (``GatedMultiheadAttention``), and ``fold_gates`` /
+and calls ``out_proj`` as a module (``GatedMultiheadAttention``, with the forward of the rebuilt
+``SlimMultiheadAttention``), and ``fold_gates`` /
 ``remove_gates`` restore the class. Attention whose output projection is otherwise applied in
 functional code (torchvision's Swin passes the weights of ``qkv`` and ``proj`` to a function) or
 is not an ``nn.Linear`` (GPT-2's ``Conv1D``) gets no head gate: ``add_gates`` warns, and its
@@ -30,79 +31,18 @@ heads keep whatever per-channel gates its projections get (none in those two).
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from morphnet.channels.handlers.attention import ATTENTION_MODULES, attention_kind
+from morphnet.surgery.attention import SlimMultiheadAttention
 
 _MHA = "torch.nn.modules.activation.MultiheadAttention"
-
-
-def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A boolean mask (True: not attended) as an additive float mask; a float mask as it is."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(mask, float("-inf"))
-    return mask.to(like.dtype)
-
-
-def _gated_mha_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                       average_attn_weights=True, is_causal=False):
-    """``nn.MultiheadAttention.forward`` (packed projections, no ``bias_k`` / ``add_zero_attn``) with
-    ``self.out_proj`` called as a module, so the head gate on its input runs."""
-    if is_causal and attn_mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint")  # as nn.MultiheadAttention
-    self_attention = query is key and key is value
-    batched = query.dim() == 3
-    if not batched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    elif not self.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    n, length, source = query.shape[0], query.shape[1], key.shape[1]
-    h, d = self.num_heads, self.head_dim
-    if self_attention:
-        q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-    else:
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    q = q.reshape(n, length, h, d).transpose(1, 2)
-    k = k.reshape(n, source, h, d).transpose(1, 2)
-    v = v.reshape(n, source, h, d).transpose(1, 2)
-    mask = None
-    if attn_mask is not None:
-        mask = _additive(attn_mask, q)
-        mask = mask if mask.dim() == 2 else mask.reshape(n, h, length, source)
-    if key_padding_mask is not None:
-        padding = _additive(key_padding_mask, q).reshape(n, 1, 1, source)
-        mask = padding if mask is None else mask + padding
-    dropout = self.dropout if self.training else 0.0
-    weights = None
-    if need_weights:
-        attn = (q * d ** -0.5) @ k.transpose(-2, -1)
-        if mask is not None:
-            attn = attn + mask
-        attn = F.dropout(attn.softmax(-1), dropout, self.training)
-        out = attn @ v
-        weights = attn.mean(1) if average_attn_weights else attn
-        if not batched:
-            weights = weights.squeeze(0)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    out = self.out_proj(out.transpose(1, 2).reshape(n, length, h * d))
-    if not batched:
-        out = out.squeeze(0)
-    elif not self.batch_first:
-        out = out.transpose(0, 1)
-    return out, weights
 
 
 class GatedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose forward calls ``out_proj`` as a module (see the module docstring)."""
 
-    forward = _gated_mha_forward
+    forward = SlimMultiheadAttention.forward
     _ungated_class = nn.MultiheadAttention
 
 
@@ -112,7 +52,7 @@ _GATED_CLASSES: dict[type, type] = {nn.MultiheadAttention: GatedMultiheadAttenti
 def _gated_class(klass: type) -> type:
     if klass not in _GATED_CLASSES:
         _GATED_CLASSES[klass] = type(f"Gated{klass.__name__}", (klass,), {
-            "forward": _gated_mha_forward, "_ungated_class": klass, "__module__": __name__})
+            "forward": SlimMultiheadAttention.forward, "_ungated_class": klass, "__module__": __name__})
     return _GATED_CLASSES[klass]
 
 
