@@ -208,3 +208,21 @@ def test_a_layers_only_channel_group_is_fixed_so_the_predicted_cost_matches_the_
     assert morphnet.StructureExporter(reg).get_alive_counts() == {"3": 8}  # layer "0" is not prunable
     slim = morphnet.apply_structure(model, reg, x, keep_weights=True)
     assert reg.get_cost().item() == morphnet.compute_cost(slim, x)
+
+
+def test_group_lasso_value_is_the_root_mean_square_of_a_channels_weights_and_biases():
+    """A conv's row and its bias are one norm; a transposed grouped conv's row j makes channel j of every
+    group, so its g biases join that row. Both in one bucket (equal row lengths)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    reg = morphnet.GroupLassoFlopsRegularizer(model, torch.randn(1, 8, 6, 6), threshold=1e-3)
+    values = reg.source.values()
+    w, b = model[0].weight.flatten(1), model[0].bias
+    conv = ((w.square().sum(1) + b.square()) / (w.shape[1] + 1)).sqrt()
+    t = model[2]
+    wt, bt = t.weight.movedim(1, 0).reshape(4, -1), t.bias.reshape(2, 4).t()
+    transposed = ((wt.square().sum(1) + bt.square().sum(1)) / (wt.shape[1] + 2)).sqrt()
+    torch.testing.assert_close(values[-12:], torch.cat([conv, transposed]))
+    plain = morphnet.GroupLassoFlopsRegularizer(model, torch.randn(1, 8, 6, 6), threshold=1e-3, penalize_bias=False)
+    torch.testing.assert_close(plain.source.values()[-12:-4], w.square().mean(1).sqrt())

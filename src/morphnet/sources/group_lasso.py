@@ -80,6 +80,7 @@ class GroupLassoSource(Source):
                       for b in specs]
             has = self.penalize_bias and any(not isinstance(b, int) for b in specs)
             self._bucket_biases.append((specs, torch.as_tensor(np.concatenate(counts) + row_len)) if has else None)
+        self._size_cache: dict = {}
         self.limits: torch.Tensor | float = self.threshold
         if relative and elements:
             with torch.no_grad():
@@ -91,25 +92,36 @@ class GroupLassoSource(Source):
 
     def values(self) -> torch.Tensor:
         norms = []
-        for (row_len, entries), biases in zip(self.buckets, self._bucket_biases):
+        for i, ((row_len, entries), biases) in enumerate(zip(self.buckets, self._bucket_biases)):
             rows = torch.cat([(getattr(m, a) if d == 0 else getattr(m, a).movedim(d, 0)).reshape(n, row_len)
                               for (m, a), d, n in entries])
-            if biases is None:
-                sq, ab, size = rows.square().sum(1), rows.abs().sum(1), row_len
-            else:  # the bias of each row is part of its group: zero rows with a bias are not dead
-                specs, size = biases
-                b = torch.cat([rows.new_zeros(spec, 1) if isinstance(spec, int) else self._bias_rows(spec).to(rows)
-                               for spec in specs])
-                sq, ab = rows.square().sum(1) + b.square().sum(1), rows.abs().sum(1) + b.abs().sum(1)
-                size = size.to(rows)
+            extra = size = None
+            if biases is not None:  # the bias of each row is part of its group: zero rows with a bias are not dead
+                extra = [rows.new_zeros(spec, 1) if isinstance(spec, int) else self._bias_rows(spec).to(rows)
+                         for spec in biases[0]]
+                size = self._sizes(i, rows)
+
+            def mean(f):
+                """f (square or abs) averaged over each row and its biases."""
+                if extra is None:
+                    return f(rows).mean(1)
+                return (f(rows).sum(1) + torch.cat([f(e).sum(1) for e in extra])) / size
+
             norm = None
             if self.l1_fraction < 1.0:
-                norm = (1.0 - self.l1_fraction) * (sq / size).clamp_min(1e-30).sqrt()  # no NaN grad at 0
+                norm = (1.0 - self.l1_fraction) * mean(torch.square).clamp_min(1e-30).sqrt()  # no NaN grad at 0
             if self.l1_fraction > 0.0:
-                l1 = self.l1_fraction * ab / size
+                l1 = self.l1_fraction * mean(torch.abs)
                 norm = l1 if norm is None else norm + l1
             norms.append(norm)
         return torch.cat(norms)
+
+    def _sizes(self, bucket: int, like: torch.Tensor) -> torch.Tensor:
+        """Weights plus biases of every row of ``bucket``, on ``like``'s device (cached: no copy per step)."""
+        key = (bucket, like.device, like.dtype)
+        if key not in self._size_cache:
+            self._size_cache[key] = self._bucket_biases[bucket][1].to(like)
+        return self._size_cache[key]
 
     @staticmethod
     def _bias_rows(parts) -> torch.Tensor:
