@@ -20,8 +20,8 @@ grouped-query attention: the query heads of one key / value head) one logit gate
 
 ``nn.MultiheadAttention`` applies its output projection inside functional code, where no hook
 reaches; ``add_gates`` gives such a module a subclass whose forward computes the same attention
-and calls ``out_proj`` as a module (``GatedMultiheadAttention``, with the forward of the rebuilt
-``SlimMultiheadAttention``), and ``fold_gates`` /
+and calls ``out_proj`` as a module (``GatedMultiheadAttention``; the rebuild's ``SlimMultiheadAttention`` has the same
+forward), and ``fold_gates`` /
 ``remove_gates`` restore the class. Attention whose output projection is otherwise applied in
 functional code (torchvision's Swin passes the weights of ``qkv`` and ``proj`` to a function) or
 is not an ``nn.Linear`` (GPT-2's ``Conv1D``) gets no head gate: ``add_gates`` warns, and its
@@ -31,18 +31,66 @@ heads keep whatever per-channel gates its projections get (none in those two).
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from morphnet.channels.handlers.attention import ATTENTION_MODULES, attention_kind
-from morphnet.surgery.attention import SlimMultiheadAttention
 
 _MHA = "torch.nn.modules.activation.MultiheadAttention"
+
+
+def multihead_attention_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                                average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` with ``num_heads`` heads of ``head_dim`` (pruned heads: the inner width
+    need not be ``embed_dim``) and ``self.out_proj`` called as a module (so a head gate's pre-hook on it runs):
+    the same packed projections, scale ``head_dim ** -0.5`` and masks. Packed projections without ``bias_k`` /
+    ``add_zero_attn``. Used by ``GatedMultiheadAttention`` and the rebuild's ``SlimMultiheadAttention``."""
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not self.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    n, length, source = query.shape[0], query.shape[1], key.shape[1]
+    h, d = self.num_heads, self.head_dim
+    if query is key and key is value:  # self-attention: one product with the packed weight, as the
+        # seed's forward does, so analysing the slim model sees (and counts) its input projection
+        q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+    else:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    q = q.reshape(n, length, h, d).transpose(1, 2)
+    k = k.reshape(n, source, h, d).transpose(1, 2)
+    v = v.reshape(n, source, h, d).transpose(1, 2)
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+    for mask, shape in ((attn_mask, (-1, h, length, source)), (key_padding_mask, (n, 1, 1, source))):
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = attn.new_zeros(mask.shape).masked_fill(mask, float("-inf"))
+            attn = attn + (mask.reshape(shape) if mask.dim() > 2 or shape[0] == n else mask)
+    attn = F.dropout(attn.softmax(-1), self.dropout, self.training)
+    out = self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, h * d))
+    if not batched:
+        out = out.squeeze(0)
+    elif not self.batch_first:
+        out = out.transpose(0, 1)
+    weights = None
+    if need_weights:
+        weights = attn.mean(1) if average_attn_weights else attn
+        if not batched:
+            weights = weights.squeeze(0)
+    return out, weights
 
 
 class GatedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose forward calls ``out_proj`` as a module (see the module docstring)."""
 
-    forward = SlimMultiheadAttention.forward
+    forward = multihead_attention_forward
     _ungated_class = nn.MultiheadAttention
 
 
@@ -52,7 +100,7 @@ _GATED_CLASSES: dict[type, type] = {nn.MultiheadAttention: GatedMultiheadAttenti
 def _gated_class(klass: type) -> type:
     if klass not in _GATED_CLASSES:
         _GATED_CLASSES[klass] = type(f"Gated{klass.__name__}", (klass,), {
-            "forward": SlimMultiheadAttention.forward, "_ungated_class": klass, "__module__": __name__})
+            "forward": multihead_attention_forward, "_ungated_class": klass, "__module__": __name__})
     return _GATED_CLASSES[klass]
 
 
