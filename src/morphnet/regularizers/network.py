@@ -79,6 +79,7 @@ class NetworkRegularizer:
         self._export = self._export_table()
         self.floor: LayerFloor | None = None
         self.set_min_layer_fraction(min_layer_fraction)
+        self.threshold_scale = 1.0
 
     # ---- subclass hooks ---------------------------------------------------------------------------
     def _make_source(self, model: nn.Module) -> Source:
@@ -146,9 +147,62 @@ class NetworkRegularizer:
         self.min_layer_fraction = float(fraction)
         self.floor = LayerFloor(self._export, self.grouping.regularized, fraction) if fraction > 0 else None
 
+    def set_threshold_scale(self, scale: float) -> None:
+        """Multiply the alive threshold by ``scale`` (1 restores it) for everything that reads alive
+        channels: ``get_cost``, the exporter, ``apply_structure``. A scale above 1 declares the
+        weakest alive channels dead too (the landing of ``morphnet.compress``); below 1 revives the
+        strongest dead ones. Sources without a threshold on their values (gates) accept only 1."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not np.isfinite(scale):
+            raise ValueError(f"threshold scale must be a positive number, got {scale!r}")
+        if scale != 1.0 and self.source.alive_ratio(self.source.values().detach()) is None:
+            raise ValueError(f"{type(self).__name__}: the {self.source.description} source has no alive threshold "
+                             f"to scale (a threshold of 0, or probabilistic gates)")
+        self.threshold_scale = float(scale)
+
+    def threshold_scale_for_cost(self, target: float) -> float:
+        """The smallest threshold scale at which the cost is at most ``target`` (an absolute cost in
+        ``cost_name`` units): the channels kept are the strongest ones, as many as the target allows.
+        Raises ``ValueError`` naming the lowest reachable cost when even the largest scale (every
+        regularized channel dead but the per-layer floor) costs more. The current scale is kept."""
+        with torch.no_grad():
+            values = self.source.values().detach()
+            ratio = self.source.alive_ratio(values)
+            if ratio is None:
+                raise ValueError(f"{type(self).__name__}: the {self.source.description} source has no alive "
+                                 f"threshold to scale (a threshold of 0, or probabilistic gates)")
+            candidates = torch.unique(ratio.double()).cpu()
+            candidates = candidates[torch.isfinite(candidates) & (candidates > 0)]
+            if len(candidates) == 0:
+                candidates = torch.ones(1, dtype=torch.float64)
+            saved = self.threshold_scale
+            try:
+                def cost(scale: float) -> float:
+                    self.threshold_scale = scale
+                    return float(self.get_cost())
+
+                top = float(candidates[-1])  # every entry dead at its own ratio (alive: ratio > scale)
+                lowest = cost(top)
+                if lowest > target:
+                    raise ValueError(f"{type(self).__name__}: a {self.cost_name} target of {target:.6g} is below "
+                                     f"the lowest cost this structure allows, {lowest:.6g} (every regularized "
+                                     f"channel dead but the fixed ones and the per-layer floor)")
+                lo, hi = -1, len(candidates) - 1  # cost(candidates[hi]) <= target; lo is below the range
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if cost(float(candidates[mid])) <= target:
+                        hi = mid
+                    else:
+                        lo = mid
+                return float(candidates[hi])
+            finally:
+                self.threshold_scale = saved
+
     # ---- internals ------------------------------------------------------------------------------
     def _group_vectors(self, values: torch.Tensor, with_reg: bool):
-        alive = self.source.alive(values)
+        if self.threshold_scale == 1.0:
+            alive = self.source.alive(values)
+        else:
+            alive = self.source.alive_ratio(values) > self.threshold_scale
         need_reg = with_reg or self.decorator is not None or self.floor is not None
         alive_g, reg_g = self.grouping.group_vectors(values, alive, need_reg)
         if self.floor is not None:

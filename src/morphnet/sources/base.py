@@ -47,6 +47,11 @@ class Source:
     def alive(self, values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def alive_ratio(self, values: torch.Tensor) -> torch.Tensor | None:
+        """``values`` relative to the alive threshold (alive exactly where the ratio is > 1), for sources
+        whose alive test is a threshold on the values; None for the others (gates)."""
+        return None
+
 
 def _param(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     owner, _, attr = name.rpartition(".")

@@ -40,3 +40,6 @@ class GammaSource(Source):
 
     def alive(self, values: torch.Tensor) -> torch.Tensor:
         return values > self.threshold
+
+    def alive_ratio(self, values: torch.Tensor) -> torch.Tensor | None:
+        return values / self.threshold if self.threshold > 0 else None

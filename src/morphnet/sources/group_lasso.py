@@ -154,6 +154,18 @@ class GroupLassoSource(Source):
             alive = alive | (self.bias_magnitudes(values) > limits)
         return alive
 
+    def alive_ratio(self, values: torch.Tensor) -> torch.Tensor | None:
+        """The larger of the norm and the bias over the limit (alive where > 1)."""
+        if self.threshold <= 0:
+            return None
+        limits = self.limits
+        if isinstance(limits, torch.Tensor) and limits.device != values.device:
+            limits = self.limits = limits.to(values.device)
+        ratio = values / limits
+        if any(not isinstance(b, int) for b in self._biases):
+            ratio = torch.maximum(ratio, self.bias_magnitudes(values) / limits)
+        return ratio
+
 
 def _bias_parts(model: nn.Module, analysis: ChannelAnalysis, weight: str, rows: int) -> list | None:
     """``weight``'s bias as parts (module, attribute, rows it goes with), in row order: [] without a bias,
