@@ -24,6 +24,9 @@ from morphnet.surgery import apply_structure, expand_structure, find_width_multi
 
 __version__ = "0.1.0"
 
+# a recipe on top of the names above (it imports them), so it comes last
+from morphnet.recipes import compress, recalibrate_batchnorm  # noqa: E402
+
 __all__ = [
     "UnsupportedGraphError", "NetworkRegularizer", "ProximalStep",
     "GammaFlopsRegularizer", "GroupLassoFlopsRegularizer", "GammaModelSizeRegularizer",
@@ -33,4 +36,5 @@ __all__ = [
     "LogisticSigmoidGate", "add_gates", "remove_gates", "fold_gates",
     "StructureExporter", "TargetCost", "write_summaries", "register_hardware", "Hardware", "compute_cost", "cost_table",
     "apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim",
+    "compress", "recalibrate_batchnorm",
 ]

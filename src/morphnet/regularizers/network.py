@@ -80,6 +80,7 @@ class NetworkRegularizer:
         self.floor: LayerFloor | None = None
         self.set_min_layer_fraction(min_layer_fraction)
         self.threshold_scale = 1.0
+        self.revived: torch.Tensor | None = None  # groups kept alive by land_on_cost, whatever their values
 
     # ---- subclass hooks ---------------------------------------------------------------------------
     def _make_source(self, model: nn.Module) -> Source:
@@ -197,6 +198,39 @@ class NetworkRegularizer:
             finally:
                 self.threshold_scale = saved
 
+    def land_on_cost(self, target: float) -> float:
+        """Make the alive channels the strongest set that costs at most ``target``: the threshold
+        scaled as :meth:`threshold_scale_for_cost` says, then the strongest dead channel groups revived
+        one by one wherever one still fits (a cheap group can fit where a costly one just above it did
+        not), so the cost lands within a small fraction of a group of the target. Returns the cost.
+        Stays in force (exporter, ``apply_structure``) until :meth:`reset_landing`."""
+        self.reset_landing()
+        self.set_threshold_scale(self.threshold_scale_for_cost(target))
+        with torch.no_grad():
+            values = self.source.values().detach()
+            t = self.grouping.tensors(values.device)
+            ratio = self.source.alive_ratio(values).double()
+            strength = torch.zeros(self.grouping.num_groups, dtype=torch.float64, device=values.device)
+            strength = strength.scatter_reduce(0, t["group"], ratio, "amax", include_self=True)
+            dead = (~self.alive_groups()) & t["regularized"]
+            order = [int(g) for g in torch.argsort(strength, descending=True) if dead[g]]
+            revived = torch.zeros(self.grouping.num_groups, dtype=torch.bool, device=values.device)
+            self.revived = revived
+            cost = float(self.get_cost())
+            for group in order:
+                revived[group] = True
+                trial = float(self.get_cost())
+                if trial <= target:
+                    cost = trial
+                else:
+                    revived[group] = False
+        return cost
+
+    def reset_landing(self) -> None:
+        """Undo :meth:`land_on_cost` (and any threshold scale): alive is the plain threshold test again."""
+        self.threshold_scale = 1.0
+        self.revived = None
+
     # ---- internals ------------------------------------------------------------------------------
     def _group_vectors(self, values: torch.Tensor, with_reg: bool):
         if self.threshold_scale == 1.0:
@@ -205,6 +239,8 @@ class NetworkRegularizer:
             alive = self.source.alive_ratio(values) > self.threshold_scale
         need_reg = with_reg or self.decorator is not None or self.floor is not None
         alive_g, reg_g = self.grouping.group_vectors(values, alive, need_reg)
+        if self.revived is not None:
+            alive_g = torch.where(self.revived.to(alive_g.device), 1.0, alive_g)
         if self.floor is not None:
             alive_g, reg_g = self.floor(alive_g, reg_g)
         if self.decorator is not None:

@@ -1,0 +1,287 @@
+"""Compress a trained network to a budget in one call: ``morphnet.compress``.
+
+The job most users bring: a trained model that should cost half or a quarter as much, losing as
+little accuracy as possible. Four stages, all on a copy (the model passed in is left as it was):
+
+1. **learn** (``learn_fraction`` of the steps): the user's training loss plus ``strength x`` the
+   MorphNet term (FLOP-weighted L1 on BatchNorm scales, or group lasso without BatchNorm), the strength
+   steered by :class:`morphnet.control.landing.LandingController` so that the channels the budget will
+   cut shrink below the alive threshold by the end of the ramp, while the network keeps training;
+2. **land**: the alive threshold is scaled until the structure costs the target (the strongest
+   channels the budget allows are kept, then the strongest cut groups that still fit put back), and the network is rebuilt with those channels' trained
+   weights (``apply_structure(..., keep_weights=True)``): the same classes and attribute names,
+   narrower, on budget to within one channel group and never above it;
+3. **recalibrate** the BatchNorm statistics on training batches (forward passes only);
+4. **fine-tune** for the remaining steps, the learning rate decaying from ``lr`` to 0 (cosine).
+
+Only ``morphnet``'s public names are used: this is a recipe on top of the library, like the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import morphnet
+from morphnet.control.landing import LandingController
+from morphnet.control.strength import resolve_target
+from morphnet.recipes.batchnorm import recalibrate_batchnorm
+
+#: resource name -> class-name suffix of morphnet's regularizers
+_RESOURCES = {"flops": "Flops", "size": "ModelSize", "latency": "Latency"}
+_REGULARIZERS = ("auto", "gamma", "group-lasso")
+Loss = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: Any,
+    target: float = 0.5,
+    *,
+    data: Iterable,
+    steps: int,
+    loss_fn: Loss | None = None,
+    lr: float = 0.01,
+    weight_decay: float = 5e-4,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    learn_fraction: float = 0.5,
+    ramp_fraction: float = 0.6,
+    resource: str = "flops",
+    hardware: Any = None,
+    regularizer: str = "auto",
+    threshold: float = 1e-2,
+    min_layer_fraction: float = 0.25,
+    bn_batches: int = 100,
+    val_fn: Callable[[nn.Module], float] | None = None,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = print,
+    report: dict | None = None,
+) -> nn.Module:
+    """A smaller copy of the trained ``model`` that costs ``target`` (a fraction of its cost when <= 1,
+    else an absolute cost in the resource's unit), trained for ``steps`` optimizer steps in all.
+
+    ``data``: training batches, re-iterated as often as needed (a DataLoader, a list; an iterator that
+    runs out is an error). ``loss_fn(model, batch)`` returns the loss to minimize; the default is the
+    cross-entropy of ``model(x)`` against ``y`` for ``(x, y)`` batches. ``optimizer(parameters)``
+    builds the optimizer of each phase (default SGD, momentum 0.9, Nesterov, ``lr``, ``weight_decay``);
+    learning runs at a constant ``lr``, fine-tuning decays it to 0. ``resource``: ``"flops"`` (per
+    example, 2 x multiply-adds, equal to ``torch.utils.flop_counter.FlopCounterMode``), ``"size"``
+    (weights) or ``"latency"`` (with ``hardware``). ``regularizer``: ``"gamma"`` (BatchNorm scales),
+    ``"group-lasso"`` (weights) or ``"auto"`` (gamma when the model has BatchNorm). No layer is cut
+    below ``min_layer_fraction`` of its width. ``val_fn(model) -> score`` (optional) is called after
+    each stage and its scores logged. Pass a dict as ``report`` to receive the figures (costs, widths,
+    scores, seconds, the strength history).
+
+    Returns the slim model (same classes, on ``device``, in the training mode ``model`` was in).
+    Raises ``ValueError`` before any training when the target is below the lowest cost the structure
+    allows (one channel group per layer, the floor and the channels that cannot be pruned).
+    """
+    start = time.perf_counter()
+    _check_arguments(model, target, steps, learn_fraction, ramp_fraction, resource, regularizer, bn_batches)
+    say = log or (lambda message: None)
+    device = torch.device(device) if device is not None else _device_of(model)
+    was_training = model.training
+    work = copy.deepcopy(model).to(device)
+    example = pytree.tree_map(lambda t: t.to(device) if torch.is_tensor(t) else t, example_inputs)
+    loss_fn = loss_fn or _cross_entropy
+    batches = _cycle(data, device)
+    make_optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                                                                  weight_decay=weight_decay))
+    reg = _make_regularizer(work, example, resource, hardware, regularizer, threshold, min_layer_fraction)
+    seed_cost = float(reg.get_cost())
+    if seed_cost <= 0:
+        raise ValueError(f"morphnet.compress: the {reg.cost_name} of {type(model).__name__} is 0; nothing to compress")
+    target_cost = resolve_target(float(target), seed_cost)
+    if target_cost >= seed_cost:
+        raise ValueError(f"morphnet.compress: the target {target_cost:.6g} {reg.cost_name} is not below the model's "
+                         f"{seed_cost:.6g}; give a fraction below 1 (0.5 halves it) or a smaller absolute cost")
+    try:
+        initial_scale = reg.threshold_scale_for_cost(target_cost)
+    except ValueError as error:
+        raise ValueError(f"morphnet.compress: {error}; aim higher or lower min_layer_fraction") from None
+    out: dict[str, Any] = {"resource": resource, "cost_name": reg.cost_name, "seed_cost": seed_cost,
+                           "target_cost": target_cost, "regularizer": reg.name, "scores": {}}
+    seed_widths = morphnet.StructureExporter(reg).get_alive_counts()
+    _score(val_fn, work, "seed", out, say)
+
+    learn_steps = max(1, round(steps * learn_fraction))
+    finetune_steps = steps - learn_steps
+    say(f"compress: learning the structure for {learn_steps} steps ({reg.name}, target {target_cost / seed_cost:.3f}x "
+        f"of {seed_cost:.4g} {reg.cost_name})")
+    out["history"] = _learn(work, reg, batches, loss_fn, make_optimizer, learn_steps, ramp_fraction,
+                            initial_scale, seed_cost, target_cost)
+    _score(val_fn, work, "learned", out, say)
+
+    slim, landed = _land(work, reg, example, target_cost)
+    out.update(landed)
+    out["seed_widths"] = seed_widths
+    say(f"compress: landed at {landed['cost'] / seed_cost:.4f}x ({landed['cost']:.4g} of {seed_cost:.4g} "
+        f"{reg.cost_name}, threshold x{landed['threshold_scale']:.3g}); "
+        f"{sum(landed['widths'].values())} of {sum(seed_widths.values())} channels kept")
+    _score(val_fn, slim, "landed", out, say)
+    out["recalibrated_batchnorms"] = recalibrate_batchnorm(slim, batches, bn_batches, loss_fn)
+    _score(val_fn, slim, "recalibrated", out, say)
+
+    if finetune_steps:
+        say(f"compress: fine-tuning for {finetune_steps} steps")
+        _finetune(slim, batches, loss_fn, make_optimizer, finetune_steps)
+    _score(val_fn, slim, "finetuned", out, say)
+    slim.train(was_training)
+    out["seconds"] = time.perf_counter() - start
+    out["steps"] = {"learn": learn_steps, "finetune": finetune_steps, "batchnorm_batches": bn_batches}
+    if report is not None:
+        report.update(out)
+    return slim
+
+
+def _check_arguments(model, target, steps, learn_fraction, ramp_fraction, resource, regularizer, bn_batches) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"morphnet.compress: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+        raise ValueError(f"morphnet.compress: target must be a positive number (a fraction <= 1 of the model's "
+                         f"cost, or an absolute cost), got {target!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"morphnet.compress: steps must be a positive integer, got {steps!r}")
+    if not 0 < learn_fraction <= 1:
+        raise ValueError(f"morphnet.compress: learn_fraction must be in (0, 1], got {learn_fraction}")
+    if not 0 < ramp_fraction <= 1:
+        raise ValueError(f"morphnet.compress: ramp_fraction must be in (0, 1], got {ramp_fraction}")
+    if resource not in _RESOURCES:
+        raise ValueError(f"morphnet.compress: resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
+    if regularizer not in _REGULARIZERS:
+        raise ValueError(f"morphnet.compress: regularizer must be one of {', '.join(_REGULARIZERS)}, got {regularizer!r}")
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"morphnet.compress: bn_batches must be an integer >= 0, got {bn_batches!r}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The default loss: cross-entropy of ``model(x)`` against ``y`` for an ``(x, y)`` batch."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(b) for b in batch)):
+        raise ValueError(f"morphnet.compress: the default loss takes (inputs, labels) batches, got "
+                         f"{type(batch).__name__}; pass loss_fn=lambda model, batch: <the loss of one batch>")
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _cycle(data: Iterable, device: torch.device) -> Iterator[Any]:
+    """Batches of ``data`` on ``device`` forever: a re-iterable (DataLoader, list) starts over at its
+    end; a one-pass iterator that runs out is an error, not a silent repeat of nothing."""
+    if not isinstance(data, Iterable):
+        raise TypeError(f"morphnet.compress: data must be an iterable of batches (a DataLoader), got "
+                        f"{type(data).__name__}")
+    one_pass = iter(data) is data
+    while True:
+        count = 0
+        for batch in data:
+            count += 1
+            yield pytree.tree_map(lambda t: t.to(device, non_blocking=True) if torch.is_tensor(t) else t, batch)
+        if count == 0 or one_pass:
+            raise ValueError(f"morphnet.compress: data ran out{' (it is empty)' if count == 0 else ''}; pass a "
+                             f"DataLoader or a list that can be iterated again")
+
+
+def _make_regularizer(model, example, resource, hardware, kind, threshold, min_layer_fraction):
+    if kind == "auto":
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        kind = "gamma" if has_bn else "group-lasso"
+    suffix = _RESOURCES[resource]
+    extra = {"hardware": hardware} if resource == "latency" else {}
+    if kind == "gamma":
+        cls = getattr(morphnet, f"Gamma{suffix}Regularizer")
+        return cls(model, example, gamma_threshold=threshold, min_layer_fraction=min_layer_fraction, **extra)
+    cls = getattr(morphnet, f"GroupLasso{suffix}Regularizer")
+    return cls(model, example, threshold=threshold, min_layer_fraction=min_layer_fraction, **extra)
+
+
+def _learn(model, reg, batches, loss_fn, make_optimizer, steps, ramp_fraction, initial_scale, seed_cost,
+           target_cost, read_every: int = 10) -> list[dict]:
+    """Structure learning from the trained weights; returns one record per read of the landing scale."""
+    controller = LandingController(initial_scale=initial_scale, initial_strength=1.0 / seed_cost,
+                                   ramp_steps=max(1, round(steps * ramp_fraction)))
+    optimizer = make_optimizer(model.parameters())
+    model.train()
+    history, last_read = [], 0
+    for step in range(1, steps + 1):
+        task = loss_fn(model, next(batches))
+        loss = task + controller.strength * reg.get_regularization_term()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % read_every == 0 or step == steps:
+            scale = reg.threshold_scale_for_cost(target_cost)
+            history.append({"step": step, "strength": controller.strength, "landing_scale": scale,
+                            "reference": controller.reference(step), "cost": float(reg.get_cost()) / seed_cost,
+                            "task_loss": float(task.detach())})
+            controller.update(step, scale, steps=step - last_read)
+            last_read = step
+    return history
+
+
+def _land(model, reg, example, target_cost) -> tuple[nn.Module, dict]:
+    """Scale the alive threshold onto the target and rebuild with the surviving weights."""
+    cost = reg.land_on_cost(target_cost)
+    scale = reg.threshold_scale
+    try:
+        widths = morphnet.StructureExporter(reg).get_alive_counts()
+        with warnings.catch_warnings(record=True) as caught:  # cut channels are not zero: expected here
+            warnings.simplefilter("always")
+            slim = morphnet.apply_structure(model, reg, example, keep_weights=True)
+    finally:
+        reg.reset_landing()
+    if _channels_last(model):
+        slim = slim.to(memory_format=torch.channels_last)
+    notes = [str(w.message) for w in caught if "shift (beta)" not in str(w.message)]
+    return slim, {"cost": cost, "threshold_scale": scale, "widths": widths, "rebuild_warnings": notes}
+
+
+def _channels_last(model: nn.Module) -> bool:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
+            return m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+    return False
+
+
+def _finetune(model, batches, loss_fn, make_optimizer, steps: int) -> None:
+    optimizer = make_optimizer(model.parameters())
+    warmup = max(1, steps // 50)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn(model, next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+
+def _score(val_fn, model: nn.Module, stage: str, out: dict, say) -> None:
+    if val_fn is None:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        score = float(val_fn(model))
+    finally:
+        model.train(was_training)
+    out["scores"][stage] = score
+    say(f"compress: validation score {stage}: {score:.4f}")
