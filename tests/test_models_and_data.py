@@ -87,7 +87,7 @@ def test_a_model_with_a_fixed_input_size_gets_its_size_or_a_one_line_error(tmp_p
 
 def test_timm_vision_transformer_takes_its_size_from_its_config_or_is_built_for_image_size():
     pytest.importorskip("timm")  # the same logic on a fake model runs in the test above
-    from morphnet.pipeline.run import prepare_model_and_data
+    from morphnet.pipeline.session import prepare_model_and_data
 
     cfg = RunConfig(model="timm:vit_tiny_patch16_224", data="synthetic:20")
     data, kwargs = prepare_model_and_data(cfg, log=lambda message: None)

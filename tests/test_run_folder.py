@@ -105,18 +105,18 @@ def test_a_run_interrupted_in_learning_and_in_retraining_resumes_to_the_uninterr
     assert not (out / "summary.json").exists()
 
     # resumed; Ctrl-C again at the first evaluation of retraining (step 10 of 30)
-    from morphnet.pipeline import run as run_module
+    from morphnet.pipeline import stages
 
-    evaluate = run_module.evaluate
+    evaluate = stages.evaluate
 
     def evaluate_then_interrupt(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "evaluate", evaluate_then_interrupt)
+    monkeypatch.setattr(stages, "evaluate", evaluate_then_interrupt)
     assert main(["run", "--resume", "--out", str(out), "--quiet"]) == 130
     assert torch.load(out / "checkpoints" / "retrain_slim.pt", weights_only=False)["step"] == 10
-    monkeypatch.setattr(run_module, "evaluate", evaluate)
+    monkeypatch.setattr(stages, "evaluate", evaluate)
 
     assert main(["run", "--resume", "--out", str(out), "--quiet"]) == 0
     summary, history, weights = _results(out)

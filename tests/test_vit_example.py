@@ -14,7 +14,7 @@ import torch
 
 import morphnet
 from morphnet.cli.main import main
-from morphnet.pipeline.run import attention_table
+from morphnet.pipeline.tables import attention_table
 from morphnet.reporting import format_attention
 from morphnet.seeds import create_seed
 from morphnet.surgery.attention import head_counts
@@ -149,7 +149,7 @@ def test_trim_to_target_takes_the_closest_multiplier_when_whole_heads_cannot_lan
     the untrimmed learned widths (0.6x: 2.4 times the budget) instead of the closest multiplier."""
     from types import SimpleNamespace
 
-    from morphnet.pipeline.run import rebuild_stage
+    from morphnet.pipeline.stages import rebuild_stage
 
     seed = vit16()
     seed_cost = float(morphnet.compute_cost(seed, X16))

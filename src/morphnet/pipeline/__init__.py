@@ -9,7 +9,8 @@ from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.files import RunExists
 from morphnet.pipeline.controller import StrengthController, select_candidate
 from morphnet.pipeline.regularizers import make_regularizer, register_regularizer, regularizer_names
-from morphnet.pipeline.run import cost_only, cost_report, learn_only, rebuild_only, run_pipeline
+from morphnet.pipeline.cost import cost_only, cost_report
+from morphnet.pipeline.run import learn_only, rebuild_only, run_pipeline
 
 __all__ = [
     "RunConfig",
