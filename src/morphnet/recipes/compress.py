@@ -6,7 +6,8 @@ little accuracy as possible. Four stages, all on a copy (the model passed in is 
 1. **learn** (``learn_fraction`` of the steps): the user's training loss plus ``strength x`` the
    MorphNet term (FLOP-weighted L1 on BatchNorm scales, or group lasso without BatchNorm), the strength
    steered by :class:`morphnet.control.landing.LandingController` so that the channels the budget will
-   cut shrink below the alive threshold by the end of the ramp, while the network keeps training;
+   cut shrink evenly to below the alive threshold by the end of the ramp (``ramp_fraction`` of the
+   learning steps), while the network keeps training;
 2. **land**: the alive threshold is scaled until the structure costs the target (the strongest
    channels the budget allows are kept, then the strongest cut groups that still fit put back), and the network is rebuilt with those channels' trained
    weights (``apply_structure(..., keep_weights=True)``): the same classes and attribute names,
@@ -38,6 +39,7 @@ from morphnet.recipes.batchnorm import recalibrate_batchnorm
 #: resource name -> class-name suffix of morphnet's regularizers
 _RESOURCES = {"flops": "Flops", "size": "ModelSize", "latency": "Latency"}
 _REGULARIZERS = ("auto", "gamma", "group-lasso")
+RegularizerFactory = Callable[[nn.Module, Any], Any]
 Loss = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -53,10 +55,11 @@ def compress(
     weight_decay: float = 5e-4,
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
     learn_fraction: float = 0.5,
-    ramp_fraction: float = 0.6,
+    ramp_fraction: float = 0.5,
+    push: str = "all",
     resource: str = "flops",
     hardware: Any = None,
-    regularizer: str = "auto",
+    regularizer: str | RegularizerFactory = "auto",
     threshold: float = 1e-2,
     min_layer_fraction: float = 0.25,
     bn_batches: int = 100,
@@ -75,7 +78,8 @@ def compress(
     learning runs at a constant ``lr``, fine-tuning decays it to 0. ``resource``: ``"flops"`` (per
     example, 2 x multiply-adds, equal to ``torch.utils.flop_counter.FlopCounterMode``), ``"size"``
     (weights) or ``"latency"`` (with ``hardware``). ``regularizer``: ``"gamma"`` (BatchNorm scales),
-    ``"group-lasso"`` (weights) or ``"auto"`` (gamma when the model has BatchNorm). No layer is cut
+    ``"group-lasso"`` (weights), ``"auto"`` (gamma when the model has BatchNorm) or a function
+    ``(model, example_inputs) -> network regularizer`` for one of your own. No layer is cut
     below ``min_layer_fraction`` of its width. ``val_fn(model) -> score`` (optional) is called after
     each stage and its scores logged. Pass a dict as ``report`` to receive the figures (costs, widths,
     scores, seconds, the strength history).
@@ -116,8 +120,15 @@ def compress(
     finetune_steps = steps - learn_steps
     say(f"compress: learning the structure for {learn_steps} steps ({reg.name}, target {target_cost / seed_cost:.3f}x "
         f"of {seed_cost:.4g} {reg.cost_name})")
-    out["history"] = _learn(work, reg, batches, loss_fn, make_optimizer, learn_steps, ramp_fraction,
-                            initial_scale, seed_cost, target_cost)
+    ramp_steps = max(1, round(learn_steps * ramp_fraction))
+    # the push that would shrink the channels at the landing scale to the threshold along the ramp, were
+    # nothing pushing back (SGD with momentum 0.9 moves lr / (1 - 0.9) per unit of steady gradient); the
+    # controller corrects it from there. A custom optimizer starts from 1 / seed cost.
+    step_size = 10 * lr if optimizer is None else None
+    initial_strength = _initial_strength(reg, initial_scale, ramp_steps, step_size, seed_cost)
+    out["initial_strength"] = initial_strength
+    out["history"] = _learn(work, reg, batches, loss_fn, make_optimizer, learn_steps, ramp_steps,
+                            initial_scale, initial_strength, seed_cost, target_cost, push)
     _score(val_fn, work, "learned", out, say)
 
     slim, landed = _land(work, reg, example, target_cost)
@@ -156,7 +167,7 @@ def _check_arguments(model, target, steps, learn_fraction, ramp_fraction, resour
         raise ValueError(f"morphnet.compress: ramp_fraction must be in (0, 1], got {ramp_fraction}")
     if resource not in _RESOURCES:
         raise ValueError(f"morphnet.compress: resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
-    if regularizer not in _REGULARIZERS:
+    if not callable(regularizer) and regularizer not in _REGULARIZERS:
         raise ValueError(f"morphnet.compress: regularizer must be one of {', '.join(_REGULARIZERS)}, got {regularizer!r}")
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
         raise ValueError(f"morphnet.compress: bn_batches must be an integer >= 0, got {bn_batches!r}")
@@ -195,6 +206,8 @@ def _cycle(data: Iterable, device: torch.device) -> Iterator[Any]:
 
 
 def _make_regularizer(model, example, resource, hardware, kind, threshold, min_layer_fraction):
+    if callable(kind):
+        return kind(model, example)
     if kind == "auto":
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         kind = "gamma" if has_bn else "group-lasso"
@@ -207,13 +220,47 @@ def _make_regularizer(model, example, resource, hardware, kind, threshold, min_l
     return cls(model, example, threshold=threshold, min_layer_fraction=min_layer_fraction, **extra)
 
 
-def _learn(model, reg, batches, loss_fn, make_optimizer, steps, ramp_fraction, initial_scale, seed_cost,
-           target_cost, read_every: int = 10) -> list[dict]:
-    """Structure learning from the trained weights; returns one record per read of the landing scale."""
-    controller = LandingController(initial_scale=initial_scale, initial_strength=1.0 / seed_cost,
-                                   ramp_steps=max(1, round(steps * ramp_fraction)))
+def _initial_strength(reg, scale: float, ramp_steps: int, step_size: float | None, seed_cost: float) -> float:
+    """The strength at which the channels the budget cuts would reach the threshold at the end of the
+    ramp if only the penalty moved them: their values must fall by about (scale - 1) x threshold, and
+    one step moves a value by step_size x strength x its cost weight (``value_gradients``)."""
+    if step_size is None:
+        return 1.0 / seed_cost
+    with torch.no_grad():
+        values = reg.source.values().detach()
+        ratio = reg.source.alive_ratio(values)
+    weights = reg.value_gradients().detach()
+    cut = (ratio <= scale) & (weights > 0)
+    if not cut.any():
+        return 1.0 / seed_cost
+    weight = float(weights[cut].median())
+    distance = float(values[cut].max() - values[cut].max() / max(scale, 1.0))  # from the landing value to the threshold
+    return max(distance / ramp_steps / (step_size * weight), 1e-12)
+
+
+def _learn(model, reg, batches, loss_fn, make_optimizer, steps, ramp_steps, initial_scale, initial_strength,
+           seed_cost, target_cost, push: str = "all", read_every: int = 10) -> list[dict]:
+    """Structure learning from the trained weights; returns one record per read of the landing scale.
+    ``push="cut"`` penalizes only the groups the landing would cut now (re-decided at every read)."""
+    controller = LandingController(initial_scale=initial_scale, initial_strength=initial_strength,
+                                   ramp_steps=ramp_steps)
     optimizer = make_optimizer(model.parameters())
     model.train()
+    mask = None
+    if push == "cut":
+        mask = (reg.group_ratios() <= initial_scale).double()
+        saved = reg.decorator
+        reg.decorator = lambda alive, values: (alive, values * mask.to(values.device))
+    try:
+        return _learn_loop(model, reg, batches, loss_fn, optimizer, controller, steps, seed_cost, target_cost,
+                           mask, read_every)
+    finally:
+        if mask is not None:
+            reg.decorator = saved
+
+
+def _learn_loop(model, reg, batches, loss_fn, optimizer, controller, steps, seed_cost, target_cost, mask,
+                read_every) -> list[dict]:
     history, last_read = [], 0
     for step in range(1, steps + 1):
         task = loss_fn(model, next(batches))
@@ -228,6 +275,8 @@ def _learn(model, reg, batches, loss_fn, make_optimizer, steps, ramp_fraction, i
                             "task_loss": float(task.detach())})
             controller.update(step, scale, steps=step - last_read)
             last_read = step
+            if mask is not None:
+                mask.copy_((reg.group_ratios() <= scale).double())
     return history
 
 
@@ -240,12 +289,44 @@ def _land(model, reg, example, target_cost) -> tuple[nn.Module, dict]:
         with warnings.catch_warnings(record=True) as caught:  # cut channels are not zero: expected here
             warnings.simplefilter("always")
             slim = morphnet.apply_structure(model, reg, example, keep_weights=True)
+        check = _function_check(model, slim, reg, example)
     finally:
         reg.reset_landing()
     if _channels_last(model):
         slim = slim.to(memory_format=torch.channels_last)
     notes = [str(w.message) for w in caught if "shift (beta)" not in str(w.message)]
-    return slim, {"cost": cost, "threshold_scale": scale, "widths": widths, "rebuild_warnings": notes}
+    if isinstance(check, float) and check > 1e-4:
+        warnings.warn(f"morphnet.compress: the rebuilt network differs from the learned one with the cut channels "
+                      f"zeroed (relative difference {check:.3g}); please report this as a bug", stacklevel=3)
+    return slim, {"cost": cost, "threshold_scale": scale, "widths": widths, "rebuild_warnings": notes,
+                  "function_check": check}
+
+
+def _function_check(model: nn.Module, slim: nn.Module, reg, example) -> float | str:
+    """Never prune wrongly, checked: the largest difference (relative to the largest output) between the
+    rebuilt network and the learned one with the BatchNorm scales and shifts of every cut channel set to
+    0, in eval mode on ``example``. A string says why it could not be checked."""
+    if not reg.name.startswith("Gamma"):
+        return f"not checked ({reg.name}: only BatchNorm sources are masked here)"
+    alive = reg.alive_groups().cpu()
+    masked = copy.deepcopy(model)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for name, ids in reg.analysis.gamma_sources.items():
+            cut = ~alive[torch.as_tensor(reg.analysis.group_of[ids])]
+            for state in (name, name.rsplit(".", 1)[0] + ".bias"):
+                if state in params and params[state].shape == cut.shape:
+                    params[state][cut.to(params[state].device)] = 0
+    with torch.no_grad():
+        a = pytree.tree_leaves(slim.eval()(*_as_tuple(example)))
+        b = pytree.tree_leaves(masked.eval()(*_as_tuple(example)))
+    slim.train(model.training)
+    scale = max(float(t.abs().max()) for t in b if torch.is_tensor(t)) or 1.0
+    return max(float((x - y).abs().max()) for x, y in zip(a, b) if torch.is_tensor(x)) / scale
+
+
+def _as_tuple(example) -> tuple:
+    return example if isinstance(example, tuple) else (example,)
 
 
 def _channels_last(model: nn.Module) -> bool:
@@ -255,9 +336,23 @@ def _channels_last(model: nn.Module) -> bool:
     return False
 
 
+def finetune(model: nn.Module, data: Iterable | Iterator, steps: int, *, lr: float = 0.01, weight_decay: float = 5e-4,
+             loss_fn: Loss | None = None,
+             optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None) -> nn.Module:
+    """Train ``model`` in place for ``steps`` steps: the learning rate warms up over the first 5% and
+    decays to 0 along a cosine (the schedule of ``morphnet run``), SGD with Nesterov momentum unless
+    ``optimizer(parameters)`` says otherwise. ``data`` as in :func:`compress` (or an endless iterator
+    of batches already on the model's device). Returns ``model``."""
+    batches = data if isinstance(data, Iterator) else _cycle(data, _device_of(model))
+    make_optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                                                                  weight_decay=weight_decay))
+    _finetune(model, batches, loss_fn or _cross_entropy, make_optimizer, steps)
+    return model
+
+
 def _finetune(model, batches, loss_fn, make_optimizer, steps: int) -> None:
     optimizer = make_optimizer(model.parameters())
-    warmup = max(1, steps // 50)
+    warmup = max(1, steps // 20)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -285,3 +380,51 @@ def _score(val_fn, model: nn.Module, stage: str, out: dict, say) -> None:
         model.train(was_training)
     out["scores"][stage] = score
     say(f"compress: validation score {stage}: {score:.4f}")
+
+
+def shrink_uniformly(model: nn.Module, example_inputs: Any, target: float, *, resource: str = "flops",
+                     hardware: Any = None) -> nn.Module:
+    """The baseline every compression is compared with: one width multiplier for every layer, brought to
+    ``target`` (a fraction of the cost when <= 1, else absolute), keeping in each layer the channels with
+    the largest L1 norm of the weights that produce them (summed over the layers a coupled channel group
+    spans) and their trained weights. No training; re-estimate BatchNorm statistics before fine-tuning."""
+    if resource not in _RESOURCES:
+        raise ValueError(f"shrink_uniformly: resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
+    reg = _make_regularizer(model, example_inputs, resource, hardware, "auto", 1e-2, 0.0)
+    seed_cost = float(reg.get_cost())
+    full = morphnet.StructureExporter(reg).get_alive_counts()
+    _, counts = morphnet.find_width_multiplier(model, full, example_inputs, resolve_target(float(target), seed_cost),
+                                               resource=resource, hardware=hardware, tolerance=None)
+    score = _group_l1(model, reg)
+    regularized = torch.as_tensor(reg.grouping.regularized)
+    revived = ~regularized  # groups the structure cannot change stay as they are
+    for module, groups in reg._export:  # (layer, channel group of each output channel)
+        groups = torch.as_tensor(groups)
+        need = counts.get(module, len(groups)) - int(revived[groups].sum())
+        for g in sorted(set(groups[~revived[groups]].tolist()), key=lambda g: -float(score[g])):
+            if need <= 0:
+                break
+            revived[g] = True
+            need -= int((groups == g).sum())
+    reg.set_threshold_scale(float("1e30"))
+    reg.revived = revived
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return morphnet.apply_structure(model, reg, example_inputs, keep_weights=True)
+    finally:
+        reg.reset_landing()
+
+
+def _group_l1(model: nn.Module, reg) -> torch.Tensor:
+    """Per channel group: the L1 norm of every conv / linear weight row that produces it, summed."""
+    a = reg.analysis
+    params = dict(model.named_parameters())
+    score = torch.zeros(a.num_groups, dtype=torch.float64)
+    for name, info in a.weights.items():
+        if name not in params:
+            continue
+        w = params[name].detach().cpu().double()
+        rows = w.movedim(info.out_dim, 0).reshape(len(info.out_ids), -1).abs().sum(1)
+        score.index_add_(0, torch.as_tensor(a.group_of[info.out_ids]), rows)
+    return score

@@ -198,6 +198,31 @@ class NetworkRegularizer:
             finally:
                 self.threshold_scale = saved
 
+    def value_gradients(self) -> torch.Tensor:
+        """d(term) / d(value) for every source entry (BatchNorm scale, weight row norm), in the order of
+        the source's values: what a unit of that value costs in the regularization term right now (0 for
+        entries that carry no penalty: unregularized, floored, or not the largest of their group)."""
+        values = self.source.values().detach().requires_grad_(True)
+        alive_g, reg_g = self._group_vectors(values, with_reg=True)
+        _, term = self.evaluator.evaluate(alive_g, reg_g, None)
+        if not term.requires_grad:
+            return torch.zeros_like(values)
+        (grad,) = torch.autograd.grad(term, values)
+        return grad
+
+    def group_ratios(self) -> torch.Tensor:
+        """Per channel group, the largest of its entries' values over the alive threshold (alive: > 1 at
+        threshold scale 1); float64, 0 for groups without entries."""
+        with torch.no_grad():
+            values = self.source.values().detach()
+            ratio = self.source.alive_ratio(values)
+            if ratio is None:
+                raise ValueError(f"{type(self).__name__}: the {self.source.description} source has no alive "
+                                 f"threshold to compare values with")
+            t = self.grouping.tensors(values.device)
+            out = torch.zeros(self.grouping.num_groups, dtype=torch.float64, device=values.device)
+            return out.scatter_reduce(0, t["group"], ratio.double(), "amax", include_self=True)
+
     def land_on_cost(self, target: float) -> float:
         """Make the alive channels the strongest set that costs at most ``target``: the threshold
         scaled as :meth:`threshold_scale_for_cost` says, then the strongest dead channel groups revived
@@ -207,14 +232,10 @@ class NetworkRegularizer:
         self.reset_landing()
         self.set_threshold_scale(self.threshold_scale_for_cost(target))
         with torch.no_grad():
-            values = self.source.values().detach()
-            t = self.grouping.tensors(values.device)
-            ratio = self.source.alive_ratio(values).double()
-            strength = torch.zeros(self.grouping.num_groups, dtype=torch.float64, device=values.device)
-            strength = strength.scatter_reduce(0, t["group"], ratio, "amax", include_self=True)
-            dead = (~self.alive_groups()) & t["regularized"]
+            strength = self.group_ratios()
+            dead = (~self.alive_groups()) & self.grouping.tensors(strength.device)["regularized"]
             order = [int(g) for g in torch.argsort(strength, descending=True) if dead[g]]
-            revived = torch.zeros(self.grouping.num_groups, dtype=torch.bool, device=values.device)
+            revived = torch.zeros(self.grouping.num_groups, dtype=torch.bool, device=strength.device)
             self.revived = revived
             cost = float(self.get_cost())
             for group in order:
