@@ -310,6 +310,31 @@ def constant_pad(zp: ZeroPass, node) -> None:
         moves_entries(zp, node)
 
 
+@zero_rule("convolution", "_convolution", "convolution_overrideable")
+def convolution(zp: ZeroPass, node) -> None:
+    """A convolution whose output channel o reads input channel o // m alone (depthwise: groups equal to
+    the input channels, multiplier m >= 1, transposed or not) and lies in that channel's group reads
+    nothing across groups: without a bias it maps a zero channel to zero channels (its padding is zeros;
+    reflect / replicate / circular padding are pads before it, which keep zeros too); with one it outputs
+    the bias, non-zero unless the bias is the source's own evidence (then the output is a zero point).
+    Any other convolution reads its input: a grouped one with several input channels per group mixes
+    channels of different groups, since only position j of every group is tied."""
+    b = bind(node)
+    x, out = vid(b["input"]), node.outputs[0]
+    xc, oc = zp.chans.get(x), zp.chans.get(out) if out is not None else None
+    groups = zp.analysis.group_of
+    if xc is None or oc is None or xc.dim != 1 or oc.dim != 1 or int(b["groups"]) != len(xc.ids) or \
+            len(oc.ids) % len(xc.ids) != 0 or \
+            not np.array_equal(groups[oc.ids], groups[np.repeat(xc.ids, len(oc.ids) // len(xc.ids))]):
+        reader(zp, node)
+        return
+    for v in node.tensor_inputs():  # the weight and the bias: channel-free, or read like any other op's
+        if v != x:
+            zp.read(v)
+    if b.get("bias") is None:
+        zp.set(out, np.repeat(zp.z(x), len(oc.ids) // len(xc.ids)))
+
+
 @zero_rule("cat", "concat", "stack")
 def cat(zp: ZeroPass, node) -> None:
     """Along channels: the pieces' flags side by side; along another dim: zero where every piece is."""
