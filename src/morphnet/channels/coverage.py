@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from morphnet.capture.graph import LeafOp, ValueRef
-from morphnet.channels.analysis import ChannelAnalysis, bind, vid
+from morphnet.channels.walker import ChannelAnalysis, bind, vid
 from morphnet.channels.views import _MAX_EXPANDED, view_groups
 
 aten = torch.ops.aten
