@@ -127,8 +127,11 @@ def import_cycle(graph: dict[str, set[str]]) -> list[str]:
 def test_no_module_imports_itself_back():
     """No import cycle anywhere in the package (``channels/analysis.py``, ``coverage.py`` and the handlers
     formed one of 13 files: the walker's types now live in ``channels/walker.py``, which all of them
-    import)."""
-    cycle = import_cycle(module_imports(ROOT))
+    import). Imports of the facade ``morphnet`` itself are left out: tools on top of the public API
+    import it by design (``import morphnet``, attributes read when called) while it re-exports some of
+    them, and the stage check above keeps every lower stage from importing it."""
+    graph = {module: imported - {"morphnet"} for module, imported in module_imports(ROOT).items()}
+    cycle = import_cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 

@@ -12,12 +12,14 @@ value that carries channels gets a flag per channel entry, "zero when the group 
 
 - the outputs of the source's own ops (its *zero points*) are zero;
 - zero-preserving per-channel ops pass zeros on (``relu(0) = 0``; ``x * s`` is zero when
-  either factor is; ``x + y`` only when both are; views, pooling, concat map entries);
-- other per-channel ops (``sigmoid``, a BatchNorm that is not a source, LayerNorm) make a
-  non-zero value of the same channels, which is harmless until something reads it;
-- every other op is a *reader* (conv / linear inputs, reductions over channels,
-  attention, unknown ops, the model's outputs): a non-zero entry it reads marks that
-  entry's group as *uncovered*.
+  either factor is; ``x + y`` only when both are; views, pooling, concat map entries; a
+  depthwise conv without a bias maps channel c to its own outputs);
+- other per-channel ops (``sigmoid``, a BatchNorm that is not a source, LayerNorm, a
+  depthwise conv with a bias) make a non-zero value of the same channels, which is harmless
+  until something reads it;
+- every other op is a *reader* (the inputs of dense and grouped convs and of linear layers,
+  reductions over channels, attention, unknown ops, the model's outputs): a non-zero entry
+  it reads marks that entry's group as *uncovered*.
 
 All groups are tested in one pass: per-channel ops only combine entries of one group
 (element-wise operands are tied together), so whether an entry is zero depends on its own
