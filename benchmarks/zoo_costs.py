@@ -6,12 +6,14 @@ equal what FlopCounterMode counts for the convolution and linear ops of one exam
 MHA fast path off), and the model-size cost must equal the conv + linear weight count.
 
 Kill and rebuild: with the Gamma FLOP regularizer (GroupLasso where no BatchNorm regularizes
-anything), a random quarter of the regularized channel groups is made exactly dead (gamma and
-beta zero; weight rows and biases zero), the model is rebuilt with
+anything, or always with ``--source group_lasso``, after random BatchNorm statistics), a random
+quarter of the regularized channel groups is made exactly dead (gamma and beta zero; weight rows
+and biases zero), the model is rebuilt with
 ``apply_structure(model, reg, x, keep_weights=True)``, and the slim model must compute the
 original's output (relative error < 1e-4) at the FLOPs ``get_cost()`` predicted.
 
-    python benchmarks/zoo_costs.py [NAME ...] [--no-rebuild] [--out benchmarks/results/zoo_costs.json]
+    python benchmarks/zoo_costs.py [NAME ...] [--no-rebuild] [--source auto|group_lasso]
+        [--out benchmarks/results/zoo_costs.json]
 
 Names are torchvision models, or ``timm:NAME`` for timm models (randomly initialized; needs
 ``pip install timm``; transformers and MLP mixers get 224x224 inputs).
@@ -63,15 +65,34 @@ def build(name: str) -> torch.nn.Module:
     return model
 
 
-def kill_and_rebuild(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """Kill a quarter of the regularized groups exactly, rebuild with keep_weights, compare outputs."""
+def randomize_batchnorms(model: torch.nn.Module, seed: int = 2) -> None:
+    """Random BatchNorm scales, shifts and statistics, so that a BatchNorm of zeros is not zero: a group-lasso
+    group killed where a BatchNorm still reads it would change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.3)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+def kill_and_rebuild(model: torch.nn.Module, x: torch.Tensor, source: str = "auto") -> dict:
+    """Kill a quarter of the regularized groups exactly, rebuild with keep_weights, compare outputs.
+
+    ``source``: 'auto' (Gamma, GroupLasso where no BatchNorm regularizes anything) or 'group_lasso'
+    (GroupLasso, with random BatchNorm statistics and shifts first)."""
     reg = None
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        try:
-            reg = morphnet.GammaFlopsRegularizer(model, x, gamma_threshold=1e-3)
-        except ValueError:
-            pass
+        if source == "group_lasso":
+            randomize_batchnorms(model)
+        else:
+            try:
+                reg = morphnet.GammaFlopsRegularizer(model, x, gamma_threshold=1e-3)
+            except ValueError:
+                pass
         if reg is None or not reg.grouping.regularized.any():
             reg = morphnet.GroupLassoFlopsRegularizer(model, x, threshold=1e-6)
     model.eval()
@@ -98,7 +119,7 @@ def kill_and_rebuild(model: torch.nn.Module, x: torch.Tensor) -> dict:
     return row
 
 
-def check(name: str, rebuild: bool = True) -> dict:
+def check(name: str, rebuild: bool = True, source: str = "auto") -> dict:
     model = build(name)
     x = torch.randn(1, 3, input_size(name), input_size(name), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
@@ -120,7 +141,7 @@ def check(name: str, rebuild: bool = True) -> dict:
            "groups": int(a.num_groups), "fixed_group_fraction": round(float(a.fixed_group.mean()), 3)}
     row["exact"] = row["flops"] == row["flop_counter"] and row["size"] == row["weights"]
     if rebuild:
-        row.update(kill_and_rebuild(model, x))
+        row.update(kill_and_rebuild(model, x, source))
     return row
 
 
@@ -146,6 +167,9 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="torchvision model names (default: all classification models)")
     parser.add_argument("--no-rebuild", action="store_true", help="skip the kill-and-rebuild check")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads (default 1)")
+    parser.add_argument("--source", choices=["auto", "group_lasso"], default="auto",
+                        help="regularizer of the kill-and-rebuild check: 'auto' (Gamma, GroupLasso where no BatchNorm "
+                             "regularizes anything) or 'group_lasso' (with random BatchNorm statistics and shifts)")
     parser.add_argument("--out", default="benchmarks/results/zoo_costs.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,7 +177,7 @@ def main() -> None:
     rows = []
     for name in names:
         try:
-            rows.append(check(name, rebuild=not args.no_rebuild))
+            rows.append(check(name, rebuild=not args.no_rebuild, source=args.source))
         except Exception as e:  # report every model, refused or not
             rows.append({"model": name, "error": f"{type(e).__name__}: {e}"[:300], "exact": False})
         r = rows[-1]

@@ -41,6 +41,35 @@ class ConcatNet(nn.Module):
         return self.head3(d3), self.head4(d4)
 
 
+class DepthwiseConcatNet(nn.Module):
+    """The original MorphNet's depthwise test network without BatchNorm after the depthwise convs
+    (``GammaFlopLossWithDepthwiseConvNoBatchNormTest`` in morph-net's flop_regularizer_test.py), input
+    1x3x17x19: dw1 -> conv1 -> bn1 and conv2 -> bn2 -> dw2, concatenated, read by conv3 -> bn3. Every
+    conv and depthwise conv is followed by a ReLU, as slim's layers are. The same scales as ConcatNet:
+    7, 11 and 10 of 13, 23 and 29 channels above 0.45. ``dw_bias``: slim's separable conv without a
+    normalizer adds a (zero-initialized) bias, which the original ignored."""
+
+    def __init__(self, dw_bias: bool = False):
+        super().__init__()
+        self.dw1 = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=dw_bias)
+        self.conv1 = nn.Conv2d(3, 13, (7, 5), padding=(3, 2), bias=False)
+        self.bn1 = nn.BatchNorm2d(13)
+        self.conv2 = nn.Conv2d(3, 23, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(23)
+        self.dw2 = nn.Conv2d(23, 23, 5, padding=2, groups=23, bias=dw_bias)
+        self.conv3 = nn.Conv2d(36, 29, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(29)
+        with torch.no_grad():
+            self.bn1.weight.copy_(torch.tensor([0.8] * 7 + [0.2] * 6))
+            self.bn2.weight.copy_(torch.tensor([-0.7] * 11 + [0.1] * 12))
+            self.bn3.weight.copy_(torch.tensor([0.6] * 10 + [-0.3] * 19))
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(torch.relu(self.dw1(x)))))
+        b = torch.relu(self.dw2(torch.relu(self.bn2(self.conv2(x)))))
+        return torch.relu(self.bn3(self.conv3(torch.cat([a, b], 1))))
+
+
 class ResidualNet(nn.Module):
     """x0 = conv0(x); x1 = conv1(relu(bn0(x0))); out = head(relu(bn1(x0 + x1)))."""
 

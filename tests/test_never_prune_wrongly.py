@@ -3,7 +3,8 @@
 Small random nets mix the patterns where a naive analysis goes wrong: a BatchNorm on one branch
 only (the raw value also added), a raw block input read by a shortcut conv next to a pre-norm
 (MaxViT's MBConv), pre-activation residuals, squeeze-excitation, a reduction over channels, a
-concat of normalized and raw tensors, and heads that pool raw conv outputs. Random channels are
+concat of normalized and raw tensors, depthwise convs (with or without a bias) between a BatchNorm
+and its reader or between a raw conv and its BatchNorm, and heads that pool raw conv outputs. Random channels are
 killed exactly (BatchNorm gamma and beta; weight rows with or without their biases; gate logits),
 both whole groups and single channels; the slim model rebuilt with ``keep_weights=True`` must
 compute the original's output.
@@ -21,7 +22,8 @@ from torch import nn
 import morphnet
 from nets import kill_groups
 
-KINDS = ("post", "one_branch_bn", "raw_shortcut", "preact", "se", "mixed_cat", "channel_reduce", "shuffle")
+KINDS = ("post", "one_branch_bn", "raw_shortcut", "preact", "se", "mixed_cat", "channel_reduce", "shuffle", "separable",
+         "dw_then_bn")
 HEADS = ("pool", "norm_pool", "flatten", "raw_pool")
 
 
@@ -51,6 +53,12 @@ class Block(nn.Module):
             w = 2 * w + 1
         elif kind == "channel_reduce":  # spatial attention: a mean over channels reads every channel
             self.conv, self.bn = conv(c, w), norm(w, bn)
+        elif kind == "separable":  # Xception / NASNet: relu(bn(x)) -> depthwise (multiplier 2) -> pointwise
+            self.pre, self.dw = norm(c, bn), nn.Conv2d(c, 2 * c, 3, padding=1, groups=c, bias=bias)
+            self.conv, self.bn = conv(2 * c, w, 1), norm(w, bn)
+        elif kind == "dw_then_bn":  # a raw conv output through a depthwise conv (reflect, dilated), then BN
+            self.conv, self.bn = conv(c, w, 1), norm(w, bn)
+            self.dw = nn.Conv2d(w, w, 3, padding=2, dilation=2, groups=w, bias=bias, padding_mode="reflect")
         else:  # shuffle: pixel_unshuffle / pixel_shuffle and the aten channel shuffle
             self.conv, self.bn = conv(c, 4 * w, 1), norm(4 * w, bn)
             self.shuffle = nn.ChannelShuffle(2)
@@ -67,6 +75,10 @@ class Block(nn.Module):
             return self.bn(self.conv(torch.relu(self.pre(x)))) + self.short(x)
         if k == "preact":
             return x + self.conv(torch.relu(self.bn(x)))
+        if k == "separable":
+            return torch.relu(self.bn(self.conv(torch.relu(self.dw(torch.relu(self.pre(x)))))))
+        if k == "dw_then_bn":
+            return torch.relu(self.bn(self.dw(self.conv(x))))
         y = torch.relu(self.bn(self.conv(x)))
         if k == "se":
             s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))

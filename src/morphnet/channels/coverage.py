@@ -12,12 +12,14 @@ value that carries channels gets a flag per channel entry, "zero when the group 
 
 - the outputs of the source's own ops (its *zero points*) are zero;
 - zero-preserving per-channel ops pass zeros on (``relu(0) = 0``; ``x * s`` is zero when
-  either factor is; ``x + y`` only when both are; views, pooling, concat map entries);
-- other per-channel ops (``sigmoid``, a BatchNorm that is not a source, LayerNorm) make a
-  non-zero value of the same channels, which is harmless until something reads it;
-- every other op is a *reader* (conv / linear inputs, reductions over channels,
-  attention, unknown ops, the model's outputs): a non-zero entry it reads marks that
-  entry's group as *uncovered*.
+  either factor is; ``x + y`` only when both are; views, pooling, concat map entries; a
+  depthwise conv without a bias maps channel c to its own outputs);
+- other per-channel ops (``sigmoid``, a BatchNorm that is not a source, LayerNorm, a
+  depthwise conv with a bias) make a non-zero value of the same channels, which is harmless
+  until something reads it;
+- every other op is a *reader* (the inputs of dense and grouped convs and of linear layers,
+  reductions over channels, attention, unknown ops, the model's outputs): a non-zero entry
+  it reads marks that entry's group as *uncovered*.
 
 All groups are tested in one pass: per-channel ops only combine entries of one group
 (element-wise operands are tied together), so whether an entry is zero depends on its own
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from morphnet.capture.graph import LeafOp, ValueRef
-from morphnet.channels.analysis import ChannelAnalysis, bind, vid
+from morphnet.channels.walker import ChannelAnalysis, bind, vid
 from morphnet.channels.views import _MAX_EXPANDED, view_groups
 
 aten = torch.ops.aten
@@ -267,8 +269,7 @@ def _map_by_ids(zp: ZeroPass, x: int, out: int | None) -> None:
            "squeeze", "squeeze_", "slice", "narrow", "select", "split", "split_with_sizes", "unbind", "chunk",
            "unsafe_split", "tensor_split", "as_strided", "flip", "roll", "index_select", "index", "repeat",
            "mean", "sum", "nansum", "amax", "amin", "var", "std", "linalg_vector_norm", "norm", "prod", "cumsum",
-           "cumprod", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-           "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+           "cumprod", "avg_pool1d", "avg_pool2d", "avg_pool3d",
            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
            "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
            "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
@@ -308,6 +309,79 @@ def constant_pad(zp: ZeroPass, node) -> None:
     """Padding with zeros keeps zeros."""
     if bind(node).get("value", 0) == 0:
         moves_entries(zp, node)
+
+
+@zero_rule("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+           "max_pool3d_with_indices")
+def max_pool(zp: ZeroPass, node) -> None:
+    """A max of zeros is zero. Also when the input was padded with a constant <= 0 (timm's "same" max
+    pooling pads with -inf first): the padded tensor is not zero, but a window holding one of its zeros
+    and otherwise values <= 0 has the maximum 0, so the output is zero where the unpadded input is,
+    provided every window holds an unpadded entry."""
+    moves_entries(zp, node)
+    x, out = node.tensor_inputs()[0], node.outputs[0]
+    producer = zp.graph.values[x].producer
+    pad = zp.graph.nodes[producer] if producer is not None else None
+    if pad is None or isinstance(pad.op, LeafOp) or pad.op.overloadpacket is not aten.constant_pad_nd:
+        return
+    p = bind(pad)
+    value, src = p.get("value", 0), vid(p["self"])
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and src is not None and \
+            _windows_hold_input(zp.graph.values[src].shape, zp.graph.values[out].shape, list(p["pad"]), bind(node),
+                                next(d for d in (1, 2, 3) if f"max_pool{d}d" in str(node.op.overloadpacket))):
+        _map_by_ids(zp, src, out)
+
+
+def _windows_hold_input(shape, out_shape, pads: list, pool: dict, n: int) -> bool:
+    """Every window of an ``n``-d max pooling over ``shape`` padded by ``pads`` (``constant_pad_nd``'s layout:
+    last dim first) holds at least one entry of the unpadded tensor along every pooled (trailing) dim; pads
+    only on pooled dims."""
+
+    def per_dim(v, default) -> list:
+        v = default if v is None or (isinstance(v, (list, tuple)) and not v) else v
+        v = [v] if isinstance(v, int) else list(v)
+        return v * n if len(v) == 1 else v
+
+    kernel = per_dim(pool["kernel_size"], None)
+    stride, padding, dilation = per_dim(pool["stride"], kernel), per_dim(pool["padding"], 0), \
+        per_dim(pool["dilation"], 1)
+    if any(v < 0 for v in pads) or any(pads[2 * n:]) or not len(kernel) == len(stride) == len(padding) == n:
+        return False
+    for i in range(n):
+        end = n - 1 - i  # pads[2 * end] is before dim i of the pooled dims, pads[2 * end + 1] after it
+        before = pads[2 * end] if 2 * end < len(pads) else 0
+        length = shape[len(shape) - n + i]
+        starts = np.arange(out_shape[len(out_shape) - n + i]) * stride[i] - padding[i]
+        taps = starts[:, None] + np.arange(kernel[i])[None, :] * dilation[i]  # positions in the padded tensor
+        if not ((taps >= before) & (taps < before + length)).any(1).all():
+            return False
+    return True
+
+
+@zero_rule("convolution", "_convolution", "convolution_overrideable")
+def convolution(zp: ZeroPass, node) -> None:
+    """A convolution whose output channel o reads input channel o // m alone (depthwise: groups equal to
+    the input channels, multiplier m >= 1, transposed or not) and lies in that channel's group reads
+    nothing across groups: without a bias it maps a zero channel to zero channels (its padding is zeros;
+    reflect / replicate padding are pads before it, which keep zeros too; circular padding is written with
+    in-place copies, which keep its channels fixed); with one it outputs
+    the bias, non-zero unless the bias is the source's own evidence (then the output is a zero point).
+    Any other convolution reads its input: a grouped one with several input channels per group mixes
+    channels of different groups, since only position j of every group is tied."""
+    b = bind(node)
+    x, out = vid(b["input"]), node.outputs[0]
+    xc, oc = zp.chans.get(x), zp.chans.get(out) if out is not None else None
+    groups = zp.analysis.group_of
+    if xc is None or oc is None or xc.dim != 1 or oc.dim != 1 or int(b["groups"]) != len(xc.ids) or \
+            len(oc.ids) % len(xc.ids) != 0 or \
+            not np.array_equal(groups[oc.ids], groups[np.repeat(xc.ids, len(oc.ids) // len(xc.ids))]):
+        reader(zp, node)
+        return
+    for v in node.tensor_inputs():  # the weight and the bias: channel-free, or read like any other op's
+        if v != x:
+            zp.read(v)
+    if b.get("bias") is None:
+        zp.set(out, np.repeat(zp.z(x), len(oc.ids) // len(xc.ids)))
 
 
 @zero_rule("cat", "concat", "stack")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from morphnet.channels.analysis import ChannelAnalysis
+from morphnet.channels.walker import ChannelAnalysis
 from morphnet.costs.hardware import Hardware
 
 COMPUTE, MEMORY = 0, 1

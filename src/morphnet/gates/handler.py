@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from morphnet.channels.analysis import Chan, Walker
+from morphnet.channels.walker import Chan, Walker
 from morphnet.channels.coverage import keeps_zero, zero_rule_module
 from morphnet.channels.handlers import handles_module
 from morphnet.gates.gate import LogisticSigmoidGate, LogisticSigmoidHeadGate

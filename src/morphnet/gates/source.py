@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnet.channels.analysis import ChannelAnalysis
+from morphnet.channels.walker import ChannelAnalysis
 from morphnet.gates.gate import LogisticSigmoidGate, relaxed_mask
 from morphnet.sources.base import Source, probabilistic_gates
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnet.channels.analysis import ChannelAnalysis
+from morphnet.channels.walker import ChannelAnalysis
 from morphnet.sources.base import Source, _param
 
 

@@ -1,10 +1,10 @@
 """The op-handler table: how each aten op maps channels.
 
 One small function per op family, registered with ``@handles`` (aten ops) or
-``@handles_module`` (whole module calls); the walker in ``analysis.py`` knows nothing
-about particular ops. A handler reads the channel ids of its inputs (``w.chan``),
-records couplings (``w.elements.union``), fixes channels it cannot follow exactly
-(``w.fix``) and sets the channel ids of its outputs. Ops not in the table raise
+``@handles_module`` (whole module calls); the walk in ``analysis.py`` and its ``Walker``
+(``walker.py``) know nothing about particular ops. A handler reads the channel ids of its
+inputs (``w.chan``), records couplings (``w.elements.union``), fixes channels it cannot
+follow exactly (``w.fix``) and sets the channel ids of its outputs. Ops not in the table raise
 ``UnsupportedGraphError`` when they touch a channel-carrying tensor.
 """
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
-from morphnet.channels.analysis import Chan, ProductCall, Walker, bind, vid
+from morphnet.channels.walker import Chan, ProductCall, Walker, bind, vid
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, handles
 
 

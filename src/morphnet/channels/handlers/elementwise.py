@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from morphnet.channels.analysis import Chan, Walker, bind, vid
+from morphnet.channels.walker import Chan, Walker, bind, vid
 from morphnet.channels.handlers.registry import (
     HANDLERS,
     _io,

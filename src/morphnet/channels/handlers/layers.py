@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from morphnet.channels.analysis import (
+from morphnet.channels.walker import (
     Chan,
     LayerCall,
     StateView,

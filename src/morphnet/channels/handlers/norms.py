@@ -8,7 +8,7 @@ import torch
 import numpy as np
 
 from morphnet.capture.graph import LeafOp
-from morphnet.channels.analysis import Chan, Walker, bind, vid
+from morphnet.channels.walker import Chan, Walker, bind, vid
 from morphnet.channels.handlers.registry import (
     _ops,
     _owner,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from morphnet.channels.analysis import Chan, Walker, bind
+from morphnet.channels.walker import Chan, Walker, bind
 from morphnet.channels.handlers.elementwise import pointwise
 from morphnet.channels.handlers.norms import decomposed_rms_norm
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along

@@ -1,10 +1,11 @@
 """The op-handler registry: ``@handles`` for aten ops, ``@handles_module`` for whole modules.
 
-One small function per op family, registered with ``@handles``; the walker in
-``analysis.py`` knows nothing about particular ops. A handler reads the channel ids
-of its inputs (``w.chan``), records couplings (``w.elements.union``), fixes channels it
-cannot follow exactly (``w.fix``) and sets the channel ids of its outputs. Ops not in
-this table raise ``UnsupportedGraphError`` when they touch a channel-carrying tensor.
+One small function per op family, registered with ``@handles``; the walk in
+``analysis.py`` and its ``Walker`` (``walker.py``) know nothing about particular ops. A
+handler reads the channel ids of its inputs (``w.chan``), records couplings
+(``w.elements.union``), fixes channels it cannot follow exactly (``w.fix``) and sets the
+channel ids of its outputs. Ops not in this table raise ``UnsupportedGraphError`` when
+they touch a channel-carrying tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from morphnet.channels.analysis import DataOp, TensorUse, Walker
+from morphnet.channels.walker import DataOp, TensorUse, Walker
 
 aten = torch.ops.aten
 HANDLERS: dict = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from morphnet.channels.analysis import Chan, Walker, bind, vid
+from morphnet.channels.walker import Chan, Walker, bind, vid
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, handles
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from morphnet.channels.analysis import Chan, ShapeCheck, StateView, Walker, bind, vid
+from morphnet.channels.walker import Chan, ShapeCheck, StateView, Walker, bind, vid
 from morphnet.channels.handlers.attention import recuts_its_projection, split_by_attribute, split_rule
 from morphnet.channels.handlers.registry import _io, _ops, _record_data, aten, handles, pass_unless_along
 from morphnet.channels.views import (
