@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Sequence
 
@@ -223,20 +224,26 @@ class NetworkRegularizer:
             out = torch.zeros(self.grouping.num_groups, dtype=torch.float64, device=values.device)
             return out.scatter_reduce(0, t["group"], ratio.double(), "amax", include_self=True)
 
-    def land_on_cost(self, target: float) -> float:
+    def land_on_cost(self, target: float, scores: torch.Tensor | None = None) -> float:
         """Make the alive channels the strongest set that costs at most ``target``: the threshold
         scaled as :meth:`threshold_scale_for_cost` says, then the strongest dead channel groups revived
         one by one wherever one still fits (a cheap group can fit where a costly one just above it did
-        not), so the cost lands within a small fraction of a group of the target. Returns the cost.
+        not), so the cost lands within a small fraction of a group of the target. ``scores`` (one per
+        channel group, higher kept first) replaces the source's values as the ranking. Returns the cost.
         Stays in force (exporter, ``apply_structure``) until :meth:`reset_landing`."""
         self.reset_landing()
-        self.set_threshold_scale(self.threshold_scale_for_cost(target))
         with torch.no_grad():
-            strength = self.group_ratios()
-            dead = (~self.alive_groups()) & self.grouping.tensors(strength.device)["regularized"]
+            regularized = self.grouping.tensors(self.source.values().device)["regularized"]
+            if scores is None:
+                self.set_threshold_scale(self.threshold_scale_for_cost(target))
+                strength = self.group_ratios()
+                revived = torch.zeros(self.grouping.num_groups, dtype=torch.bool, device=strength.device)
+                self.revived = revived
+            else:
+                strength = scores.detach().to(regularized.device, torch.float64)
+                revived = self._revive_by_score(strength, regularized, target)
+            dead = (~self.alive_groups()) & regularized
             order = [int(g) for g in torch.argsort(strength, descending=True) if dead[g]]
-            revived = torch.zeros(self.grouping.num_groups, dtype=torch.bool, device=strength.device)
-            self.revived = revived
             cost = float(self.get_cost())
             for group in order:
                 revived[group] = True
@@ -246,6 +253,32 @@ class NetworkRegularizer:
                 else:
                     revived[group] = False
         return cost
+
+    def _revive_by_score(self, scores: torch.Tensor, regularized: torch.Tensor, target: float) -> torch.Tensor:
+        """Every regularized group dead by its values, alive by ``scores`` above the lowest cut that
+        costs at most ``target`` (bisection over the distinct scores); returns the revived mask in force."""
+        self.threshold_scale = math.inf  # the source's own alive test: every regularized group dead
+        revived = torch.zeros_like(regularized)
+        self.revived = revived
+        if float(self.get_cost()) > target:
+            raise ValueError(f"{type(self).__name__}: a {self.cost_name} target of {target:.6g} is below the lowest "
+                             f"cost this structure allows, {float(self.get_cost()):.6g} (every regularized channel "
+                             f"dead but the fixed ones and the per-layer floor)")
+        cuts = torch.unique(scores[regularized]).cpu()
+        lo, hi = -1, len(cuts)  # hi: the index of a cut that fits (len: nothing revived)
+
+        def fits(k: int) -> bool:
+            revived.copy_(regularized & (scores > cuts[k].item()))
+            return float(self.get_cost()) <= target
+
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid
+        revived.copy_(regularized & (scores > cuts[hi].item()) if hi < len(cuts) else torch.zeros_like(regularized))
+        return revived
 
     def reset_landing(self) -> None:
         """Undo :meth:`land_on_cost` (and any threshold scale): alive is the plain threshold test again."""
