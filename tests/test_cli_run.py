@@ -136,6 +136,22 @@ def test_the_run_applies_the_strength_the_controller_computes(half_target_run):
     assert_learning_applied_the_controllers_strength(half_target_run)
 
 
+def test_learning_that_ends_far_from_its_target_prints_warning_lines(tmp_path, capsys):
+    """20 steps are far too few to thin the seed (its cost is still twice the target): the printed
+    summary says so on `warning:` lines, the first with which way to go, the second that only the
+    uniform width multiplier reached the target; summary.json holds the same notes."""
+    assert main(["run", "--target-cost", "0.5", "--steps", "20", "--retrain-steps", "5", "--no-baseline",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["learned"]["target_error"] == pytest.approx(1.0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert lines == [f"warning: {note}" for note in summary["warnings"]] and len(lines) == 2
+    assert lines[0].startswith("warning: structure learning ended 100% above the target after 20 steps (tolerance 5%)")
+    assert "more --steps" in lines[0]
+    assert "only through the uniform width multiplier" in lines[1]
+    assert f"x{summary['slim']['width_multiplier']:.3f}" in lines[1]
+
+
 @pytest.mark.parametrize("target", [["--target", "size"], ["--target", "latency", "--hardware", "V100"],
                                     ["--target", "activations"], ["--regularizer", "group-lasso"]])
 def test_learn_with_every_target_and_regularizer(tmp_path, target):
