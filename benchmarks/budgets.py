@@ -25,7 +25,8 @@ Arms, for every seed and budget b in {1/8, 1/4, 1/2} of the seed's FLOPs:
 Choice rule, fixed before the run: at each budget, "MorphNet" is whichever of at-budget and
 shrink-and-expand has the higher mean validation accuracy over the seeds. The test split is read
 only for the table. A win (loss) is called only when the test gap to the uniform network exceeds
-(falls below minus) twice the pooled standard error sqrt(sd_m^2 / n + sd_u^2 / n).
+(falls below minus) twice the pooled standard error sqrt(sd_m^2 / n + sd_u^2 / n)
+(``stats.pooled_verdict``, shared by every benchmark).
 
 Every network appends one JSON line to ``OUT.jsonl`` as soon as it is trained, and a rerun with
 the same ``--out`` skips what is already there, so every phase is resumable; runs over disjoint
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import RESULTS, environment, resolve_device, setup_cpu, write_results
-from pareto import _mean_std
+from stats import mean_sd, pooled_verdict
 from torch import nn
 
 import morphnet
@@ -468,7 +469,8 @@ REFERENCE = {"finetune": "uniform-long", "finetune-gentle": "uniform-long-2x", "
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    mean, sd = _mean_std(values)
+    """Mean and standard deviation for tables and error bars (0 for a single seed)."""
+    mean, sd = mean_sd(values)
     return mean, (0.0 if math.isnan(sd) else sd)
 
 
@@ -489,10 +491,7 @@ def compare(rows: list[dict], recipe: str | None = None) -> dict:
             u_test, u_sd = _stats([r["test"] for r in reference])
             rs = by[(arm, budget)]
             m_test, m_sd = _stats([r["test"] for r in rs])
-            n = min(len(rs), len(reference))
-            se = math.sqrt(m_sd ** 2 / len(rs) + u_sd ** 2 / len(reference)) if n > 1 else float("nan")
-            gap = m_test - u_test
-            verdict = "n/a" if math.isnan(se) else "win" if gap > 2 * se else "loss" if gap < -2 * se else "tie"
+            versus = pooled_verdict([r["test"] for r in rs], [r["test"] for r in reference])
             table.append({
                 "budget": budget, "arm": arm, "seeds": len(rs),
                 "flops_fraction": statistics.fmean(r["flops_fraction"] for r in rs),
@@ -501,7 +500,7 @@ def compare(rows: list[dict], recipe: str | None = None) -> dict:
                 "uniform_flops_fraction": statistics.fmean(r["flops_fraction"] for r in reference),
                 "uniform_val_mean": statistics.fmean(r["val"] for r in reference),
                 "uniform_test_mean": u_test, "uniform_test_sd": u_sd,
-                "gap": gap, "two_pooled_se": 2 * se, "verdict": verdict,
+                "gap": versus["gap"], "two_pooled_se": versus["two_se"], "verdict": versus["verdict"],
             })
         pickable = [f"{arm}:{recipe}" if recipe else arm for arm in ("at-budget", "shrink-expand")]
         candidates = [t for t in table if t["budget"] == budget and t["arm"] in pickable]

@@ -14,7 +14,7 @@ For every seed s:
 Statistics over the seeds: for each MorphNet network scaled to a target, the accuracy gap to the
 uniform curve at its FLOPs (each seed's uniform accuracies interpolated linearly in log-FLOPs),
 with the pooled standard error sqrt(var_m / n + var_u / n); a win (or loss) is called only when
-the gap exceeds twice that. The FLOP saving at equal accuracy is read off the mean uniform curve:
+the gap exceeds twice that (``stats.pooled_verdict``, shared by every benchmark). The FLOP saving at equal accuracy is read off the mean uniform curve:
 1 - FLOPs(MorphNet) / FLOPs(uniform at the same mean accuracy).
 
 Settings: ``cpu`` is scikit-learn's digits with the pipeline's default seed (the digits CNN,
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS, environment, resolve_device, setup_cpu, write_results
+from stats import mean_sd, pooled_verdict
 from torch import nn
 
 import morphnet
@@ -261,10 +262,6 @@ def _flops_at_accuracy(curve: list[tuple[float, float]], accuracy: float) -> flo
     return None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
-
-
 def compare(rows: list[dict]) -> list[dict]:
     """Each MorphNet point (arm, k, target) against the uniform curve of the same seeds."""
     trained = [r for r in rows if "accuracy" in r]
@@ -285,18 +282,15 @@ def compare(rows: list[dict]) -> list[dict]:
     for (arm, k, target), rs in groups.items():
         acc_m = [r["accuracy"] for r in rs]
         acc_u = [_log_interp(per_seed[r["seed"]], r["flops"]) for r in rs]
-        (mean_m, sd_m), (mean_u, sd_u) = _mean_std(acc_m), _mean_std(acc_u)
-        n = len(rs)
-        se = math.sqrt(sd_m ** 2 / n + sd_u ** 2 / n) if n > 1 else float("nan")
-        gap = mean_m - mean_u
-        verdict = "n/a" if math.isnan(se) else "win" if gap > 2 * se else "loss" if gap < -2 * se else "tie"
+        (mean_m, sd_m), (mean_u, sd_u) = mean_sd(acc_m), mean_sd(acc_u)
+        versus = pooled_verdict(acc_m, acc_u)
         flops = math.exp(statistics.fmean(math.log(r["flops"]) for r in rs))
         uniform_flops = _flops_at_accuracy(mean_curve, mean_m)
         out.append({
-            "arm": arm, "k": k, "target": target, "seeds": n, "flops": round(flops),
+            "arm": arm, "k": k, "target": target, "seeds": len(rs), "flops": round(flops),
             "accuracy_mean": round(mean_m, 4), "accuracy_std": round(sd_m, 4),
             "uniform_accuracy_mean": round(mean_u, 4), "uniform_accuracy_std": round(sd_u, 4),
-            "gap": round(gap, 4), "pooled_se": round(se, 4), "verdict": verdict,
+            "gap": round(versus["gap"], 4), "pooled_se": round(versus["two_se"] / 2, 4), "verdict": versus["verdict"],
             "uniform_flops_at_same_accuracy": None if uniform_flops is None else round(uniform_flops),
             "flop_saving": None if uniform_flops is None else round(1 - flops / uniform_flops, 4),
         })
@@ -324,14 +318,14 @@ def plot(rows: list[dict], settings: dict, path: Path) -> None:
         if arm == "uniform":
             levels[None] = [r for r in mine if r["target"] is None]
         points = sorted((math.exp(statistics.fmean(math.log(r["flops"]) for r in rs)),
-                         *_mean_std([r["accuracy"] for r in rs])) for rs in levels.values())
+                         *mean_sd([r["accuracy"] for r in rs])) for rs in levels.values())
         label = "uniform width multiplier" if arm == "uniform" else f"MorphNet {arm_label(arm, k)}, scaled"
         spread = [0 if math.isnan(p[2]) else p[2] for p in points]
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=spread, marker="o", ms=4, capsize=3,
                     lw=1.5, color=colors[(arm, k)], label=label)
         learned = [r for r in mine if r["target"] is None and arm != "uniform"]
         if learned:
-            m, sd = _mean_std([r["accuracy"] for r in learned])
+            m, sd = mean_sd([r["accuracy"] for r in learned])
             f = math.exp(statistics.fmean(math.log(r["flops"]) for r in learned))
             ax.errorbar([f], [m], yerr=[0 if math.isnan(sd) else sd], marker="D", mfc="white", ms=6, capsize=3,
                         color=colors[(arm, k)], ls="none", label=f"MorphNet {arm_label(arm, k)}, as learned")

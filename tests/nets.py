@@ -142,6 +142,13 @@ def weight_count(model: nn.Module) -> int:
     return total
 
 
+def assert_most_examples_pruned(pruned: list[bool], fraction: float = 2 / 3) -> None:
+    """A rebuild that keeps every channel computes the original function too, so a property test of
+    "never prunes wrongly" also requires that most of its examples removed a channel."""
+    assert pruned and sum(pruned) >= fraction * len(pruned), (
+        f"only {sum(pruned)} of {len(pruned)} examples removed a channel")
+
+
 def kill_groups(model: nn.Module, reg, dead, seed: int = 0) -> None:
     """Make the channel groups ``dead`` (bool per group) exactly dead for ``reg``'s source, in place.
 

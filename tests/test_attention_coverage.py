@@ -22,6 +22,7 @@ import morphnet
 from morphnet.channels import analyze_model
 from morphnet.channels.coverage import covered_groups, view_positions
 from morphnet.channels.handlers import attention as attention_table
+from nets import assert_most_examples_pruned, weight_count
 
 
 class VResidual(timm.layers.Attention):
@@ -137,10 +138,20 @@ def rebuild(kind, choices, seed):
     return model, reg, slim
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.sampled_from(KINDS), st.lists(st.sampled_from(PARTS), min_size=4, max_size=4), st.integers(0, 1000))
-def test_killed_heads_never_rebuild_to_another_function(kind, choices, seed):
-    rebuild(kind, choices, seed)
+def test_killed_heads_never_rebuild_to_another_function():
+    """Heads killed in part rightly stay, so "most examples prune" counts the examples with a whole
+    head killed (keeping every head would also give the same function)."""
+    pruned = []
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.sampled_from(KINDS), st.lists(st.sampled_from(PARTS), min_size=4, max_size=4), st.integers(0, 1000))
+    def check(kind, choices, seed):
+        model, _, slim = rebuild(kind, choices, seed)
+        if "head" in choices:
+            pruned.append(weight_count(slim) < weight_count(model))
+
+    check()
+    assert_most_examples_pruned(pruned)
 
 
 @pytest.mark.parametrize("kind", KINDS)

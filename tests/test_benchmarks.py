@@ -1,7 +1,9 @@
-"""Every benchmark script runs end to end in its quick mode on CPU, so none of them rots."""
+"""Every benchmark script runs end to end in its quick mode on CPU, so none of them rots; the verdict
+rules they share (benchmarks/stats.py) give the verdicts worked out by hand."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -272,7 +274,8 @@ def test_prunable_share_is_exact_and_reaches_heads_and_shuffles(quick):
 
 
 def test_every_benchmark_script_is_covered():
-    scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {"common.py"}
+    """Scripts are the files that run as a program; modules they import (common, stats, peers) are not."""
+    scripts = {p.name for p in BENCHMARKS.glob("*.py") if 'if __name__ == "__main__":' in p.read_text()}
     assert scripts == set(SCRIPTS), "add new benchmark scripts to SCRIPTS so their quick mode runs in CI"
 
 
@@ -295,3 +298,99 @@ def test_pareto_learn_only_reports_what_each_strength_learns(tmp_path):
     bad = subprocess.run(args[:-4] + ["--strengths", "nope=1", "--out", str(out)], check=False,
                          capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
     assert bad.returncode != 0 and "--strengths" in bad.stderr
+
+
+# ---- the verdict rules (benchmarks/stats.py) on inputs worked out by hand ----------------------------
+
+
+def load_stats():
+    """benchmarks/stats.py as a module, without putting the benchmarks folder on sys.path."""
+    spec = importlib.util.spec_from_file_location("benchmark_stats", BENCHMARKS / "stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stats = load_stats()
+
+
+def test_mean_sd_is_the_mean_and_the_sample_standard_deviation():
+    mean, sd = stats.mean_sd([2, 4, 4, 4, 5, 5, 7, 9])  # squares of the deviations sum to 32, over n - 1 = 7
+    assert mean == 5 and sd == pytest.approx(math.sqrt(32 / 7), rel=1e-12)
+    mean, sd = stats.mean_sd([0.7])
+    assert mean == 0.7 and math.isnan(sd)
+    with pytest.raises(ValueError, match="no values"):
+        stats.mean_sd([])
+
+
+@pytest.mark.parametrize("a, b, gap, two_se, verdict", [
+    # sd 0.02 on both sides, n = 3: SE = sqrt(0.0004 / 3 * 2) = 0.016330, so 2 SE = 0.032660
+    ([0.80, 0.82, 0.84], [0.70, 0.72, 0.74], 0.10, 0.032660, "win"),
+    ([0.70, 0.72, 0.74], [0.80, 0.82, 0.84], -0.10, 0.032660, "loss"),
+    ([0.80, 0.82, 0.84], [0.79, 0.81, 0.83], 0.01, 0.032660, "tie"),
+    ([0.80, 0.82, 0.84], [0.775, 0.795, 0.815], 0.025, 0.032660, "tie"),  # beyond one SE, not two
+    # arms of different sizes keep their own n: var_a = 5/3 over 4, var_b = 2 over 2, SE = sqrt(17/12);
+    # with the smaller n on both sides (sqrt(11/6) = 1.354, 2 SE = 2.708) this would be a tie
+    ([10, 11, 12, 13], [8, 10], 2.5, 2 * math.sqrt(17 / 12), "win"),
+])
+def test_pooled_verdict_calls_a_win_or_a_loss_only_beyond_twice_the_pooled_standard_error(a, b, gap, two_se, verdict):
+    result = stats.pooled_verdict(a, b)
+    assert result["gap"] == pytest.approx(gap, abs=1e-12)
+    assert result["two_se"] == pytest.approx(two_se, rel=1e-4)
+    assert result["verdict"] == verdict and result["n"] == min(len(a), len(b))
+
+
+def test_pooled_verdict_with_one_seed_on_a_side_is_no_verdict():
+    result = stats.pooled_verdict([0.9], [0.5, 0.6, 0.7])
+    assert result["verdict"] == "n/a" and math.isnan(result["two_se"]) and result["n"] == 1
+    assert result["gap"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("a, b, gap, two_se, verdict, ahead", [
+    # differences 0.02, 0.03, 0.04: mean 0.03, sd 0.01, 2 SE = 2 * 0.01 / sqrt(3) = 0.011547. The seeds
+    # spread by 0.15, so pooled (2 SE about 0.12) would call it a tie: pairing removes the shared spread
+    ([0.80, 0.75, 0.90], [0.78, 0.72, 0.86], 0.03, 0.011547, "win", 3),
+    ([0.78, 0.72, 0.86], [0.80, 0.75, 0.90], -0.03, 0.011547, "loss", 0),
+    # differences 0.03, -0.005, 0.02: mean 0.015, sd sqrt(0.00065 / 2) = 0.018028, 2 SE = 0.020817
+    # (beyond one SE, not two)
+    ([0.80, 0.74, 0.90], [0.77, 0.745, 0.88], 0.015, 0.020817, "tie", 2),
+])
+def test_paired_verdict_uses_the_standard_error_of_the_per_seed_differences(a, b, gap, two_se, verdict, ahead):
+    result = stats.paired_verdict(a, b)
+    assert result["gap"] == pytest.approx(gap, abs=1e-12)
+    assert result["two_se"] == pytest.approx(two_se, rel=1e-4)
+    assert result["verdict"] == verdict and result["ahead"] == ahead and result["n"] == 3
+    assert result["diffs"] == pytest.approx([x - y for x, y in zip(a, b)])
+    assert stats.pooled_verdict(a, b)["verdict"] == "tie"
+
+
+def test_paired_verdict_with_one_seed_is_no_verdict_and_unpaired_lengths_are_an_error():
+    result = stats.paired_verdict([0.9], [0.8])
+    assert result["verdict"] == "n/a" and math.isnan(result["two_se"]) and result["ahead"] == 1
+    with pytest.raises(ValueError, match="3 values against 2; pair them by seed"):
+        stats.paired_verdict([0.9, 0.8, 0.7], [0.8, 0.7])
+
+
+def test_budgets_and_pareto_tables_take_their_verdicts_from_the_shared_rule(monkeypatch):
+    """A MorphNet arm 10 points below the uniform one on 3 seeds is a loss in both benchmarks' tables,
+    with the gap and the standard error ``pooled_verdict`` gives."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import budgets
+    import pareto
+
+    uniform, learned = [0.80, 0.82, 0.84], [0.70, 0.72, 0.74]
+    expected = stats.pooled_verdict(learned, uniform)
+    assert expected["verdict"] == "loss"
+    rows = [{"seed": s, "arm": arm, "budget": 0.5, "test": test, "val": test, "flops_fraction": 0.5}
+            for arm, tests in (("uniform", uniform), ("at-budget", learned)) for s, test in enumerate(tests)]
+    (row,) = budgets.compare(rows)["table"]
+    assert (row["gap"], row["two_pooled_se"], row["verdict"]) == (expected["gap"], expected["two_se"], "loss")
+    # pareto: each seed's uniform curve passes through the learned point's FLOPs, so it is compared with
+    # exactly the uniform accuracy there
+    rows = [{"seed": s, "arm": "uniform", "k": None, "target": target, "flops": target, "accuracy": acc + extra}
+            for s, acc in enumerate(uniform) for target, extra in ((200.0, 0.0), (800.0, 0.1))]
+    rows += [{"seed": s, "arm": "gamma", "k": 15, "target": 200.0, "flops": 200.0, "accuracy": acc}
+             for s, acc in enumerate(learned)]
+    (comparison,) = pareto.compare(rows)
+    assert comparison["verdict"] == "loss" and comparison["seeds"] == 3
+    assert comparison["gap"] == round(expected["gap"], 4) and comparison["pooled_se"] == round(expected["two_se"] / 2, 4)

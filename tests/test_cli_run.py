@@ -7,6 +7,7 @@ import pytest
 
 from morphnet.cli.main import main
 from morphnet.pipeline import files
+from test_pipeline_learns import assert_learning_applied_the_controllers_strength
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +114,42 @@ def test_cost_text_table_shows_the_gamma_coverage_of_every_layer(capsys):
     assert {"yes", "no"} <= set(shown.values())
 
 
-def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(tmp_path):
+@pytest.fixture(scope="module")
+def half_target_run(tmp_path_factory):
+    """The default job (FLOPs, half the seed's) with 600 learning steps and a short retraining."""
+    out = tmp_path_factory.mktemp("half")
     assert main(["run", "--target-cost", "0.5", "--steps", "600", "--retrain-steps", "20", "--no-baseline",
-                 "--out", str(tmp_path), "--quiet"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(half_target_run):
+    summary = json.loads((half_target_run / "summary.json").read_text())
     half = summary["seed"]["flops_counted"] / 2
     assert summary["target"]["target_cost"] == pytest.approx(half)
     assert abs(summary["learned"]["cost"] / half - 1) <= 0.05
     assert abs(summary["slim"]["flops_counted"] / half - 1) <= 0.05
+    assert summary["warnings"] == []
+
+
+def test_the_run_applies_the_strength_the_controller_computes(half_target_run):
+    assert_learning_applied_the_controllers_strength(half_target_run)
+
+
+def test_learning_that_ends_far_from_its_target_prints_warning_lines(tmp_path, capsys):
+    """20 steps are far too few to thin the seed (its cost is still twice the target): the printed
+    summary says so on `warning:` lines, the first with which way to go, the second that only the
+    uniform width multiplier reached the target; summary.json holds the same notes."""
+    assert main(["run", "--target-cost", "0.5", "--steps", "20", "--retrain-steps", "5", "--no-baseline",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["learned"]["target_error"] == pytest.approx(1.0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert lines == [f"warning: {note}" for note in summary["warnings"]] and len(lines) == 2
+    assert lines[0].startswith("warning: structure learning ended 100% above the target after 20 steps (tolerance 5%)")
+    assert "more --steps" in lines[0]
+    assert "only through the uniform width multiplier" in lines[1]
+    assert f"x{summary['slim']['width_multiplier']:.3f}" in lines[1]
 
 
 @pytest.mark.parametrize("target", [["--target", "size"], ["--target", "latency", "--hardware", "V100"],

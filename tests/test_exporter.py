@@ -1,13 +1,14 @@
 """StructureExporter: counts, file format, atomic writes, prefixes, and reading files back."""
 
 import json
+import os
 
 import pytest
 import torch
 from torch import nn
 
 import morphnet
-from morphnet.export import load_alive_counts
+from morphnet.export import atomic_write, load_alive_counts
 from nets import ConcatNet
 
 
@@ -50,3 +51,38 @@ def test_loading_bad_files_names_the_file(tmp_path):
     bad.write_text('{"conv1": "seven"}')
     with pytest.raises(ValueError, match="conv1"):
         load_alive_counts(bad)
+
+
+def test_a_write_interrupted_before_the_rename_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C (or any failure) between writing the new file and renaming it into place: the structure
+    file read afterwards is the previous one, whole, and no temporary file is left beside it."""
+    net = ConcatNet()
+    exporter = morphnet.StructureExporter(_reg(net))
+    path = exporter.create_file_and_save_alive_counts(tmp_path, 7)
+    before = path.read_bytes()
+    with torch.no_grad():
+        net.bn1.weight.zero_()  # the next export holds other counts
+    assert exporter.get_alive_counts() != json.loads(before)
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.create_file_and_save_alive_counts(tmp_path, 7)
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
+    monkeypatch.undo()  # the next export goes through
+    assert json.loads(exporter.create_file_and_save_alive_counts(tmp_path, 7).read_text())["conv1"] == 0
+
+
+def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = atomic_write(tmp_path / "state.json", lambda handle: handle.write('{"step": 1}\n'))
+
+    def half_then_disk_full(handle):
+        handle.write('{"st')
+        handle.flush()
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, half_then_disk_full)
+    assert path.read_text() == '{"step": 1}\n' and os.listdir(tmp_path) == ["state.json"]

@@ -1,5 +1,5 @@
 """The pipeline does its job, not only runs: training learns, every target steers the structure to
-its cost, and the gated (LogisticSigmoid) run goes end to end. Short runs on the embedded digits
+its cost with the strength the controller computes, and the gated (LogisticSigmoid) run goes end to end. Short runs on the embedded digits
 default, one thread each, so the whole file takes well under a minute on 2 CPU cores."""
 
 import json
@@ -26,6 +26,41 @@ def example():
 
 def summary_of(out) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+class LoggedCosts:
+    """A regularizer stand-in whose costs are those a run logged: the seed's, then one per logged step."""
+
+    def __init__(self, costs: list[float]):
+        self.costs = iter(costs)
+
+    def get_cost(self) -> torch.Tensor:
+        return torch.tensor(next(self.costs), dtype=torch.float64)
+
+    def alive_counts(self) -> dict[str, int]:
+        return {}
+
+
+def assert_learning_applied_the_controllers_strength(out) -> None:
+    """The strength of every logged interval of a target-cost run is what ``TargetCost`` computes from
+    the costs logged before it, it multiplied the term in the loss (loss - task loss = strength x
+    term: the strength is constant between logged steps), and it moved. A frozen strength, or one
+    computed but not applied, fails here even when the selection rule still finds a structure that lands."""
+    summary = summary_of(out)
+    history = json.loads((out / "history.json").read_text())["learn"]
+    cfg, target = summary["config"], summary["target"]
+    law = morphnet.TargetCost(LoggedCosts([summary["seed"]["cost"]] + [r["cost"] for r in history]),
+                              cfg["target_cost"], steps=cfg["steps"], tolerance=cfg["tolerance"],
+                              initial_strength=target["initial_strength"], log_every=cfg["log_every"])
+    for record in history:
+        assert record["strength"] == law.strength, record["step"]
+        assert record["loss"] - record["task_loss"] == pytest.approx(record["strength"] * record["reg_loss"], rel=1e-4)
+        law.update(record["step"])
+    assert target["final_strength"] == law.strength
+    # it moved: pushed above the initial strength while the cost lagged the reference, cut once it fell below
+    strengths = [r["strength"] for r in history]
+    assert max(strengths) > 1.2 * target["initial_strength"] and min(strengths) < max(strengths) / 2
+    assert (summary["learned"]["step"], summary["learned"]["cost"]) == (law.best().step, law.best().cost)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +119,7 @@ def test_every_target_lands_within_tolerance(tmp_path, target):
     half = summary["seed"]["cost"] / 2
     assert summary["target"]["target_cost"] == pytest.approx(half)
     assert abs(summary["learned"]["cost"] / half - 1) <= summary["target"]["tolerance"] == 0.05
+    assert_learning_applied_the_controllers_strength(tmp_path)
     slim = morphnet.apply_structure(digits_seed(), tmp_path / summary["learned"]["structure_file"], example())
     resource = target[1]
     if resource == "latency":

@@ -65,7 +65,7 @@ spec = st.tuples(st.sampled_from(["chain", "residual", "concat", "depthwise"]), 
                  st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]), st.booleans())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(specs=st.lists(spec, min_size=1, max_size=5), head_linear=st.booleans(), size=st.integers(6, 12),
        seed=st.integers(0, 1000))
 def test_random_net_costs_match_flop_counter_and_formula(specs, head_linear, size, seed):

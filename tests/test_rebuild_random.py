@@ -16,7 +16,7 @@ from torch import nn
 
 import morphnet
 from morphnet.surgery.structure import LayerTable
-from nets import counted_flops
+from nets import assert_most_examples_pruned, counted_flops, weight_count
 from test_rebuild_zoo import kill_quarter
 
 KINDS = ("conv", "residual", "concat", "depthwise", "grouped")
@@ -100,30 +100,37 @@ def randomize_norms(model):
                 m.running_var.uniform_(0.5, 1.5)
 
 
-@settings(max_examples=25, deadline=None)
-@given(net=nets, seed=st.integers(0, 2**16))
-def test_random_nets_rebuild_to_the_same_function_and_the_predicted_flops(net, seed):
-    torch.manual_seed(seed)
-    model = net.eval()
-    randomize_norms(model)
-    bn = isinstance(model.stem.bn, nn.BatchNorm2d)
-    reg = (morphnet.GammaFlopsRegularizer(model, X, gamma_threshold=1e-3) if bn else
-           morphnet.GroupLassoFlopsRegularizer(model, X, threshold=1e-6))
-    kill_quarter(model, reg, "gamma" if bn else "group_lasso", seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        slim = morphnet.apply_structure(model, reg, X, keep_weights=True).eval()
-    revived = [w for w in caught if "cannot have zero width" in str(w.message)]
-    with torch.no_grad():
-        assert torch.allclose(slim(X), model(X), rtol=1e-4, atol=1e-5)
-    flops = counted_flops(slim, X)
-    if revived:  # a layer kept one (dead) channel: a little more than predicted
-        assert flops > reg.get_cost().item()
-    else:
-        assert flops == reg.get_cost().item()
+def test_random_nets_rebuild_to_the_same_function_and_the_predicted_flops():
+    pruned = []
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(net=nets, seed=st.integers(0, 2**16))
+    def check(net, seed):
+        torch.manual_seed(seed)
+        model = net.eval()
+        randomize_norms(model)
+        bn = isinstance(model.stem.bn, nn.BatchNorm2d)
+        reg = (morphnet.GammaFlopsRegularizer(model, X, gamma_threshold=1e-3) if bn else
+               morphnet.GroupLassoFlopsRegularizer(model, X, threshold=1e-6))
+        kill_quarter(model, reg, "gamma" if bn else "group_lasso", seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            slim = morphnet.apply_structure(model, reg, X, keep_weights=True).eval()
+        revived = [w for w in caught if "cannot have zero width" in str(w.message)]
+        with torch.no_grad():
+            assert torch.allclose(slim(X), model(X), rtol=1e-4, atol=1e-5)
+        flops = counted_flops(slim, X)
+        if revived:  # a layer kept one (dead) channel: a little more than predicted
+            assert flops > reg.get_cost().item()
+        else:
+            assert flops == reg.get_cost().item()
+        pruned.append(weight_count(slim) < weight_count(model))
+
+    check()
+    assert_most_examples_pruned(pruned)  # keeping every channel would also give the same function
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(net=nets, fraction=st.floats(0.1, 1.0), factor=st.sampled_from([0.5, 1.0, 1.6]))
 def test_random_nets_rebuild_counts_and_expansions_to_the_widths_asked_for(net, fraction, factor):
     model = net.eval()

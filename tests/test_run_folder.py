@@ -1,15 +1,21 @@
 """A run folder is never replaced silently, options are checked before anything is written,
-`rebuild` never clobbers a run's slim model, and an interrupted run resumes to the same result."""
+`rebuild` never clobbers a run's slim model, a crash never leaves half a file, and an interrupted run
+(once or twice Ctrl-C, in any stage) resumes to the same result."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from morphnet.cli.main import main
 from morphnet.pipeline import files
+from morphnet.pipeline.distributed import DistContext
+from morphnet.pipeline.resume import Checkpointer, Interrupted
 
 from test_cli import cli_env
 
@@ -125,3 +131,142 @@ def test_a_run_interrupted_in_learning_and_in_retraining_resumes_to_the_uninterr
     assert weights.keys() == expected_weights.keys()
     assert all(torch.equal(weights[k], expected_weights[k]) for k in weights)
     assert json.loads((out / files.STATE).read_text())["stages"].keys() == {"learn", "retrain_slim"}
+
+
+# ---- crash safety: atomic files, Ctrl-C once and twice, every stage resumed -------------------------------
+
+
+def test_every_file_a_run_writes_is_renamed_into_place(tmp_path, monkeypatch):
+    """Written whole beside its final name, then renamed (atomic): a crash leaves the old file or the
+    new one, never half of one. TensorBoard's event files are the writer's own (appended)."""
+    renamed, replace = set(), os.replace
+
+    def spy(src, dst):
+        renamed.add(Path(dst).resolve())
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    assert main(["learn", "--steps", "5", "--out", str(tmp_path), "--quiet"]) == 0
+    written = {p.resolve() for p in tmp_path.rglob("*")
+               if p.is_file() and files.TENSORBOARD not in p.relative_to(tmp_path).parts}
+    assert {files.CONFIG, files.SUMMARY, files.HISTORY, files.REPORT} <= {p.name for p in written}
+    assert written <= renamed, sorted(str(p) for p in written - renamed)
+
+
+CRASH_WHILE_SAVING = """
+import os, sys, torch
+from morphnet.pipeline import files
+
+class DiesWhileSaved:
+    def __reduce__(self):
+        os._exit(3)  # the process dies in the middle of writing: no cleanup, no rename
+
+files.save_checkpoint(sys.argv[1], {"step": 2, "model": torch.zeros(4096), "crash": DiesWhileSaved()})
+"""
+
+
+def test_a_process_that_dies_while_saving_a_checkpoint_leaves_the_previous_one(tmp_path):
+    path = files.save_checkpoint(tmp_path / "learn.pt", {"step": 1, "model": torch.ones(4096)})
+    done = subprocess.run([sys.executable, "-c", CRASH_WHILE_SAVING, str(path)], env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    state = files.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["model"], torch.ones(4096))
+    assert all(name.endswith(".tmp") for name in os.listdir(tmp_path) if name != path.name)  # never mistaken for it
+
+
+def test_the_first_ctrl_c_in_a_loop_lets_the_step_finish_and_the_second_stops_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    checkpointer = Checkpointer(DistContext(), every_seconds=3600)
+    checkpointer.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # outside a training loop: Python's own behaviour
+            signal.raise_signal(signal.SIGINT)
+        with checkpointer.loop():
+            assert checkpointer.poll() == (False, False)
+            signal.raise_signal(signal.SIGINT)  # noted; the step goes on
+            assert checkpointer.poll() == (True, True)  # its end saves and stops
+            with pytest.raises(KeyboardInterrupt) as stopped:
+                signal.raise_signal(signal.SIGINT)
+            assert not isinstance(stopped.value, Interrupted)  # at once, without saving
+    finally:
+        checkpointer.uninstall()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+POLL = Checkpointer.poll
+
+
+def ctrl_c_at_step_end(monkeypatch, number: int, times: int = 1) -> list[int]:
+    """Press Ctrl-C ``times`` at the end of the ``number``-th training step of this process, counted
+    over the stages (every loop asks its Checkpointer once per step); returns the step count so far."""
+    steps = [0]
+
+    def poll(self, *args, **kwargs):
+        steps[0] += 1
+        if steps[0] == number:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return POLL(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "poll", poll)
+    return steps
+
+
+def _learned(out):
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("seconds")
+    summary["config"].pop("out")
+    return summary, json.loads((out / "history.json").read_text())
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """40 steps save at the step-20 export; Ctrl-C twice at step 27 stops there without saving (exit
+    130), and --resume redoes steps 21-40 to the uninterrupted result."""
+    learn = ["learn", "--steps", "40", "--threads", "1", "--quiet"]
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    assert main([*learn, "--out", str(reference)]) == 0
+    capsys.readouterr()
+    ctrl_c_at_step_end(monkeypatch, 27, times=2)
+    assert main([*learn, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "(from the last checkpoint)" in err and "stopped after" not in err
+    assert files.load_checkpoint(out / "checkpoints" / "learn.pt")["step"] == 20
+    assert not (out / "summary.json").exists()
+    steps = ctrl_c_at_step_end(monkeypatch, 0)
+    assert main(["learn", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert steps[0] == 20
+    assert _learned(out) == _learned(reference)
+
+
+def test_a_run_interrupted_in_the_seed_and_the_uniform_retraining_resumes_each_where_it_stopped(tmp_path, monkeypatch):
+    """40 learning steps, then 30 steps each for the slim network, the seed and the uniform baseline.
+    Ctrl-C at step 10 of the seed's retraining, resume, Ctrl-C at step 10 of the uniform one, resume:
+    each resumed stage runs only its remaining 20 steps, finished stages are not redone, and the
+    result is the uninterrupted run's (summary, every history, the slim and the seed weights)."""
+    run = ["run", "--steps", "40", "--retrain-steps", "30", "--uniform-baseline", "--threads", "1", "--quiet"]
+    reference, out = tmp_path / "reference", tmp_path / "interrupted"
+    assert main([*run, "--out", str(reference)]) == 0
+
+    ctrl_c_at_step_end(monkeypatch, 40 + 30 + 10)
+    assert main([*run, "--out", str(out)]) == 130
+    assert files.load_checkpoint(out / "checkpoints" / "retrain_seed.pt")["step"] == 10
+    assert json.loads((out / files.STATE).read_text())["stages"].keys() == {"learn", "retrain_slim"}
+
+    steps = ctrl_c_at_step_end(monkeypatch, 20 + 10)
+    assert main(["run", "--resume", "--out", str(out), "--quiet"]) == 130
+    assert steps[0] == 30  # the seed's steps 11-30, then the uniform network's first 10
+    assert files.load_checkpoint(out / "checkpoints" / "retrain_uniform.pt")["step"] == 10
+    assert not (out / "checkpoints" / "retrain_seed.pt").exists()  # a finished stage drops its checkpoint
+
+    steps = ctrl_c_at_step_end(monkeypatch, 0)
+    assert main(["run", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert steps[0] == 20
+    summary, history, weights = _results(out)
+    expected_summary, expected_history, expected_weights = _results(reference)
+    assert summary == expected_summary and history == expected_history
+    assert summary["uniform"]["accuracy"] is not None and history.keys() == {
+        "learn", "retrain_slim", "retrain_seed", "retrain_uniform"}
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+    seed, expected_seed = (files.load_checkpoint(d / "checkpoints" / "seed.pt")["model"] for d in (out, reference))
+    assert seed.keys() == expected_seed.keys() and all(torch.equal(seed[k], expected_seed[k]) for k in seed)

@@ -60,12 +60,17 @@ def lasso_norms(weight: torch.Tensor, l1_fraction: float) -> torch.Tensor:
     return l1_fraction * rows.abs().mean(1) + (1 - l1_fraction) * rows.pow(2).mean(1).sqrt()
 
 
+def half_alive_threshold(norms: torch.Tensor) -> float:
+    """A threshold between the 4th and 5th smallest of 8 channel norms: 4 alive, none near it."""
+    ordered = norms.sort().values
+    return (ordered[3] + ordered[4]).item() / 2
+
+
 @pytest.mark.parametrize("l1_fraction", [0.0, 0.5, 1.0])
 def test_group_lasso_flops_and_size_terms_by_hand(l1_fraction):
     net = ConvHead(bn=False)
     norms = lasso_norms(net.conv.weight, l1_fraction)
-    ordered = norms.sort().values
-    threshold = (ordered[3] + ordered[4]).item() / 2  # half of the conv's channels alive, none near the threshold
+    threshold = half_alive_threshold(norms)
     r, a = norms.sum().item(), int((norms > threshold).sum())
     assert a == 4
     # conv: C = 2 * 9 * 64 per (input, output) pair, 3 fixed inputs (R_in = 0); head: C = 2 * 64, 2 fixed outputs
@@ -124,3 +129,43 @@ def test_gamma_latency_cost_and_term_by_hand(batch):
     head_term = 4 * (PIXELS * batch * r + 2 * r)  # input activations and weights (2 fixed outputs)
     assert reg.get_regularization_term().item() == pytest.approx(conv_term + bn_term + relu_term + head_term, rel=1e-6)
     assert reg.get_regularization_term(["head"]).item() == pytest.approx(head_term, rel=1e-6)
+
+
+@pytest.mark.parametrize("l1_fraction", [0.0, 0.5])
+def test_group_lasso_activation_cost_and_term_by_hand(l1_fraction):
+    """Activation count: cost A_out, term R_out per layer; the head's 2 outputs are fixed (A = 2, R = 0)."""
+    net = ConvHead(bn=False)
+    norms = lasso_norms(net.conv.weight, l1_fraction)
+    threshold = half_alive_threshold(norms)
+    a, r = int((norms > threshold).sum()), norms.sum().item()
+    assert a == 4
+    reg = morphnet.GroupLassoActivationRegularizer(net, X, threshold=threshold, l1_fraction=l1_fraction)
+    assert (reg.name, reg.cost_name) == ("GroupLassoActivation", "Activations")
+    assert reg.get_cost().item() == a + 2 and reg.get_cost(["conv"]).item() == a
+    assert reg.get_regularization_term().item() == pytest.approx(r, rel=1e-6)
+    assert reg.get_regularization_term(["head"]).item() == 0
+
+
+@pytest.mark.parametrize("l1_fraction, batch", [(0.0, 1), (0.5, 3)])
+def test_group_lasso_latency_cost_and_term_by_hand(l1_fraction, batch):
+    """peak 1 GFLOP/s, 1 GB/s, as for Gamma above: the conv is compute bound, the ReLU and the head
+    memory bound; the norms are group lasso's, the conv has no BatchNorm after it."""
+    morphnet.register_hardware("hand-roofline", 1.0, 1.0, overwrite=True)
+    net = ConvHead(bn=False)
+    norms = lasso_norms(net.conv.weight, l1_fraction)
+    threshold = half_alive_threshold(norms)
+    a, r = int((norms > threshold).sum()), norms.sum().item()
+    assert a == 4
+    conv_flops, conv_bytes = 2 * 9 * PIXELS * 3 * a * batch, 4 * ((3 + a) * PIXELS * batch + 9 * 3 * a)
+    head_flops, head_bytes = 2 * PIXELS * a * 2 * batch, 4 * ((a + 2) * PIXELS * batch + a * 2)
+    relu_bytes = 4 * 2 * a * PIXELS * batch
+    assert conv_flops > conv_bytes and head_bytes > head_flops
+    reg = morphnet.GroupLassoLatencyRegularizer(net, X, threshold=threshold, hardware="hand-roofline",
+                                                batch_size=batch, l1_fraction=l1_fraction)
+    assert (reg.name, reg.cost_name) == ("GroupLassoLatency", "Latency")
+    assert reg.get_cost().item() == pytest.approx(conv_flops + relu_bytes + head_bytes, rel=1e-9)
+    conv_term = 2 * 9 * PIXELS * batch * (3 * r)  # FLOP surrogate, 3 fixed inputs (R_in = 0)
+    relu_term = 4 * 2 * PIXELS * batch * r  # byte surrogate: read and write
+    head_term = 4 * (PIXELS * batch * r + 2 * r)  # input activations and weights (2 fixed outputs)
+    assert reg.get_regularization_term().item() == pytest.approx(conv_term + relu_term + head_term, rel=1e-6)
+    assert reg.get_regularization_term(["conv"]).item() == pytest.approx(conv_term, rel=1e-6)
