@@ -17,9 +17,11 @@ committed before any arm ran; docs/benchmarks.md records it.
 - arms, each from the trained seed s, for budgets 1/2 and 1/4 of the seed's FLOPs, ``extra_steps``
   steps in all, fine-tuning (shared code: ``morphnet.recipes.compress.finetune``, lr 0.01, warm-up and
   cosine) after re-estimating BatchNorm statistics on 100 training batches:
-  ``morphnet`` (``morphnet.compress`` as shipped: half the steps learning, half fine-tuning),
-  ``morphnet-unweighted`` (the same with network slimming's unweighted penalty: the cost-weighting
-  ablation), ``uniform-l1`` (one width multiplier, each layer's largest-L1 channels kept),
+  ``morphnet`` (``morphnet.compress`` as shipped: land at once on the trained BatchNorm scales with the
+  per-layer floor, re-estimate BatchNorm statistics, fine-tune all 2000 steps distilling the seed),
+  ``morphnet-no-kd`` (the same fine-tuned without distillation, as every other arm is: it isolates the
+  channel selection), ``morphnet-learn`` (half the steps learning with MorphNet's FLOP-weighted penalty
+  before landing), ``uniform-l1`` (one width multiplier, each layer's largest-L1 channels kept),
   ``tp-local`` / ``tp-global`` (Torch-Pruning magnitude pruning, per layer and global), ``tp-bnscale``
   (network slimming), ``tp-groupnorm`` (DepGraph's group sparse learning), ``fastnas`` (ModelOpt),
   ``oto`` (OTO v3 HESSO); sparse-learning peers spend half the steps sparse-learning (see
@@ -98,8 +100,10 @@ QUICK = Setting(networks=("resnet20",), n_train=512, n_val=256, n_test=256, scor
                 extra_steps=8, bn_batches=2, budgets=(0.5,), seeds=1)
 
 #: every arm but the reference, in the order they run; MorphNet first
-ARMS = ("morphnet", "morphnet-unweighted", "uniform-l1", "tp-local", "tp-global", "tp-bnscale", "tp-groupnorm",
-        "fastnas", "oto", "uniform-scratch")
+ARMS = ("morphnet", "morphnet-no-kd", "morphnet-learn", "uniform-l1", "tp-local", "tp-global", "tp-bnscale",
+        "tp-groupnorm", "fastnas", "oto", "uniform-scratch")
+#: run after every arm above, as time allows (the cost weighting's ablation, on the learning variant)
+LATE_ARMS = ("morphnet-learn-unweighted",)
 
 
 def load_splits(s: Setting) -> tuple[TensorImages, TensorImages, TensorImages]:
@@ -118,8 +122,9 @@ def load_splits(s: Setting) -> tuple[TensorImages, TensorImages, TensorImages]:
 class Bench:
     """Data, the trained seeds and the prune-recalibrate-fine-tune path every arm shares."""
 
-    def __init__(self, s: Setting, out: Path):
+    def __init__(self, s: Setting, out: Path, seeds_from: Path | None = None):
         self.s = s
+        self.seeds_from = seeds_from
         self.ctx = DistContext(device=torch.device("cpu"))
         self.train_set, self.val_set, self.test_set = load_splits(s)
         self.example = torch.zeros(1, 3, s.image_size, s.image_size)
@@ -164,12 +169,21 @@ class Bench:
         return create_seed(net, num_classes=10, in_channels=3, **NETWORK_OPTIONS.get(net, {}))
 
     def weights(self, net: str, seed: int) -> Path:
-        return self.out.with_name(self.out.stem + "_weights") / f"{net}_seed{seed}.pt"
+        prefix = self.seeds_from or self.out
+        return prefix.with_name(prefix.stem + "_weights") / f"{net}_seed{seed}.pt"
 
     def trained_seed(self, net: str, seed: int) -> nn.Module:
-        """The trained seed network (trained and saved on first use)."""
+        """The trained seed network (trained and saved on first use; with ``seeds_from``, waited for)."""
         path = self.weights(net, seed)
         model = self.new_seed(net, seed)
+        if self.seeds_from is not None:
+            rows = self.seeds_from.with_suffix(".jsonl")
+            while not (path.exists() and rows.exists() and any(
+                    (r["network"], r["seed"], r["arm"]) == (net, seed, "seed")
+                    for r in map(json.loads, rows.read_text().splitlines()))):
+                time.sleep(30)
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+            return model
         if self.done(net, seed, "seed", None) is not None and path.exists():
             model.load_state_dict(torch.load(path, map_location="cpu"))
             return model
@@ -234,24 +248,27 @@ def _classifier(model: nn.Module) -> str:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
-def _morphnet(bench: Bench, net: str, model: nn.Module, seed: int, budget: float, regularizer="auto") -> tuple:
+def _morphnet(bench: Bench, net: str, model: nn.Module, seed: int, budget: float, **options) -> tuple:
+    """``morphnet.compress`` with its defaults (as shipped) unless ``options`` say otherwise."""
     report: dict = {}
     s = bench.s
     slim = morphnet.compress(model, bench.example, budget, data=bench.loader(seed), steps=s.extra_steps,
-                             lr=s.finetune_lr, learn_fraction=s.sparse_fraction, bn_batches=s.bn_batches,
-                             regularizer=regularizer, val_fn=bench.val, log=None, report=report)
+                             lr=s.finetune_lr, bn_batches=s.bn_batches, val_fn=bench.val, log=None, report=report,
+                             **options)
     scores = report["scores"]
     return slim, {"sparse_steps": report["steps"]["learn"], "finetune_steps": report["steps"]["finetune"],
-                  "val_seed": scores["seed"], "val_learned": scores["learned"], "val_landed": scores["landed"],
-                  "val_pruned": scores["recalibrated"], "function_check": report["function_check"],
-                  "widths": report["widths"], "threshold_scale": report["threshold_scale"],
-                  "strength": [h["strength"] for h in report["history"]][::10]}
+                  "distill": report["distill"], "val_seed": scores["seed"], "val_learned": scores.get("learned"),
+                  "val_landed": scores["landed"], "val_pruned": scores["recalibrated"],
+                  "function_check": report["function_check"], "widths": report["widths"],
+                  "threshold_scale": report["threshold_scale"],
+                  "strength": [h["strength"] for h in report["history"]][::10],
+                  "landing_scale": [h["landing_scale"] for h in report["history"]][::10]}
 
 
-def _morphnet_unweighted(bench: Bench, net: str, model: nn.Module, seed: int, budget: float) -> tuple:
+def _morphnet_learn_unweighted(bench: Bench, net: str, model: nn.Module, seed: int, budget: float) -> tuple:
     from budgets import UnweightedGammaFlops
 
-    return _morphnet(bench, net, model, seed, budget,
+    return _morphnet(bench, net, model, seed, budget, learn_fraction=bench.s.sparse_fraction,
                      regularizer=lambda m, x: UnweightedGammaFlops(m, x, 0.01, min_layer_fraction=0.25))
 
 
@@ -299,7 +316,11 @@ def _uniform_scratch(bench: Bench, net: str, model: nn.Module, seed: int, budget
 
 RUNNERS = {
     "morphnet": _morphnet,
-    "morphnet-unweighted": _morphnet_unweighted,
+    "morphnet-no-kd": lambda bench, net, model, seed, budget: _morphnet(bench, net, model, seed, budget,
+                                                                         distill=False),
+    "morphnet-learn": lambda bench, net, model, seed, budget: _morphnet(bench, net, model, seed, budget,
+                                                                         learn_fraction=bench.s.sparse_fraction),
+    "morphnet-learn-unweighted": _morphnet_learn_unweighted,
     "uniform-l1": _uniform_l1,
     "tp-local": _peer("prune_tp_magnitude", global_pruning=False),
     "tp-global": _peer("prune_tp_magnitude", global_pruning=True),
@@ -338,7 +359,7 @@ def compare(rows: list[dict]) -> list[dict]:
         for budget in sorted({r["budget"] for r in scored if r["network"] == net}, reverse=True):
             here = [r for r in scored if r["network"] == net and r["budget"] == budget]
             mine = {r["seed"]: r for r in here if r["arm"] == "morphnet" and "test" in r}
-            for arm in [a for a in ARMS if any(r["arm"] == a for r in here)]:
+            for arm in [a for a in ARMS + LATE_ARMS if any(r["arm"] == a for r in here)]:
                 rs = [r for r in here if r["arm"] == arm]
                 ok = [r for r in rs if "test" in r]
                 entry = {"network": net, "budget": budget, "arm": arm, "seeds": len(rs), "crashed": len(rs) - len(ok),
@@ -388,7 +409,10 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--networks", nargs="+", help="run these networks only")
     parser.add_argument("--budgets", type=float, nargs="+", help="run these budgets only")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, help="run these arms only")
+    parser.add_argument("--arms", nargs="+", choices=ARMS + LATE_ARMS, help="run these arms only")
+    parser.add_argument("--seeds-from", metavar="PREFIX",
+                        help="take the trained seeds from the run with this --out (waiting for the ones still "
+                             "training) instead of training them here")
     parser.add_argument("--combine", nargs="+", metavar="JSONL", help="no training: merge runs and compare")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, one seed (test suite)")
     parser.add_argument("--threads", type=int, default=1)
@@ -417,7 +441,7 @@ def main() -> None:
                 rows.append(row)
         env = {"combined_from": args.combine}
     else:
-        bench = Bench(s, out.with_suffix(".jsonl"))
+        bench = Bench(s, out.with_suffix(".jsonl"), Path(args.seeds_from).with_suffix("") if args.seeds_from else None)
         env = environment(torch.device("cpu"))
         print(f"compress benchmark, phase {args.phase}, networks {', '.join(s.networks)}, seeds "
               f"{args.first_seed}..{args.first_seed + s.seeds - 1}, budgets {s.budgets}", flush=True)

@@ -49,8 +49,8 @@ def _trained(seed: int = 0) -> SmallNet:
     return model
 
 
-@pytest.mark.parametrize("target", [0.5, 0.25])
-def test_compress_lands_within_two_percent_of_the_budget_by_pytorchs_own_counter(target):
+@pytest.mark.parametrize("target, learn_fraction", [(0.5, 0.5), (0.25, 0.0)])
+def test_compress_lands_within_two_percent_of_the_budget_by_pytorchs_own_counter(target, learn_fraction):
     """A CIFAR ResNet-20 (the benchmark's seed): on budget, never above, as FlopCounterMode counts it."""
     torch.manual_seed(0)
     model = morphnet.seeds.create_seed("resnet20")
@@ -61,14 +61,17 @@ def test_compress_lands_within_two_percent_of_the_budget_by_pytorchs_own_counter
     x = torch.randn(1, 3, 16, 16)
     data = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(2)]
     report: dict = {}
-    slim = morphnet.compress(model, x, target, data=data, steps=4, bn_batches=1, log=None, report=report)
+    slim = morphnet.compress(model, x, target, data=data, steps=4, bn_batches=1, log=None, report=report,
+                             learn_fraction=learn_fraction)
     seed_flops, flops = count_flops(model, x), count_flops(slim, x)
     assert 0.98 * target * seed_flops <= flops <= target * seed_flops
     assert flops == pytest.approx(report["cost"])  # MorphNet's prediction is what PyTorch counts
     assert type(slim) is type(model) and type(slim.layer2[0].bn1) is nn.BatchNorm2d
     assert slim.layer2[0].conv1.out_channels == report["widths"]["layer2.0.conv1"]
-    assert report["steps"] == {"learn": 2, "finetune": 2, "batchnorm_batches": 1}
-    assert [h["step"] for h in report["history"]] == [2]
+    learn = round(4 * learn_fraction)
+    assert report["steps"] == {"learn": learn, "finetune": 4 - learn, "batchnorm_batches": 1}
+    assert [h["step"] for h in report["history"]] == ([learn] if learn else [])
+    assert report["function_check"] < 1e-5  # the landed network is the original with the cut channels zeroed
 
 
 def test_compress_keeps_the_classes_and_the_landing_is_maximal():
@@ -76,7 +79,8 @@ def test_compress_keeps_the_classes_and_the_landing_is_maximal():
     model = _trained()
     x = torch.randn(1, 3, 8, 8)
     report: dict = {}
-    slim = morphnet.compress(model, x, 0.5, data=_data(), steps=12, bn_batches=2, log=None, report=report)
+    slim = morphnet.compress(model, x, 0.5, data=_data(), steps=12, bn_batches=2, log=None, report=report,
+                             learn_fraction=0.5)
     assert type(slim) is SmallNet and type(slim.bn2) is nn.BatchNorm2d
     assert slim.conv2.out_channels == slim.bn2.num_features == report["widths"]["conv2"] < 32
     assert count_flops(slim, x) == pytest.approx(report["cost"]) and report["cost"] <= 0.5 * report["seed_cost"]
@@ -156,8 +160,34 @@ def test_validation_scores_are_taken_after_every_stage():
     report: dict = {}
     morphnet.compress(_trained(), torch.randn(1, 3, 8, 8), 0.5, data=_data(), steps=4, bn_batches=1, log=None,
                       val_fn=lambda m: calls.append(m.training) or 0.5, report=report)
+    assert list(report["scores"]) == ["seed", "landed", "recalibrated", "finetuned"]  # no learning by default
+    assert calls == [False] * 4  # scored in eval mode
+    morphnet.compress(_trained(), torch.randn(1, 3, 8, 8), 0.5, data=_data(), steps=4, bn_batches=1, log=None,
+                      val_fn=lambda m: 0.5, report=report, learn_fraction=0.5)
     assert list(report["scores"]) == ["seed", "learned", "landed", "recalibrated", "finetuned"]
-    assert calls == [False] * 5  # scored in eval mode
+
+
+def test_distillation_is_on_with_the_default_loss_and_pulls_towards_the_original():
+    """The default fine-tuning distills the original model: with the labels' weight at 0 a pruned network
+    moves towards the original's outputs, which plain cross-entropy on random labels would not do."""
+    model = _trained().eval()
+    x = torch.randn(1, 3, 8, 8)
+    report: dict = {}
+    data = _data(8)
+    batch = torch.cat([b for b, _ in data])
+    start = morphnet.compress(model, x, 0.5, data=data, steps=1, bn_batches=4, log=None)
+    taught = morphnet.compress(model, x, 0.5, data=data, steps=40, bn_batches=4, log=None, distill_weight=1.0,
+                               lr=0.05, report=report)
+    assert report["distill"] is True
+    with torch.no_grad():
+        gap = lambda m: F.kl_div(F.log_softmax(m.eval()(batch), 1), F.softmax(model(batch), 1), reduction="batchmean")
+        assert gap(taught) < 0.5 * gap(start)
+    with pytest.raises(ValueError, match="distill=True works with the default"):
+        morphnet.compress(model, x, 0.5, data=data, steps=2, log=None, distill=True,
+                          loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    morphnet.compress(model, x, 0.5, data=data, steps=2, log=None, report=report,
+                      loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    assert report["distill"] is False  # a loss of the user's own: no distillation unless asked for
 
 
 def test_the_landed_network_keeps_the_strongest_channels_exactly():
