@@ -22,6 +22,7 @@ from torch import nn
 import morphnet
 from morphnet.data import DataBundle, load_data
 from morphnet.pipeline import distributed, files
+from morphnet.pipeline import latency  # measured latency: the run's table and the end-of-run check
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.controller import resolve_target
 from morphnet.pipeline.distributed import DistContext
@@ -234,6 +235,7 @@ class Session:
         return self.writer
 
     def close(self) -> None:
+        latency.release(self)
         self.checkpointer.uninstall()
         if self.writer is not None:
             self.writer.close()
@@ -323,6 +325,7 @@ def outcome(summary: dict[str, Any]) -> list[str]:
         if slim.get("width_multiplier") is not None:
             notes.append(f"the slim network reaches the target only through the uniform width multiplier "
                          f"(x{slim['width_multiplier']:.3f} on every layer), not through learned widths")
+    notes += latency.notes(summary)
     return notes
 
 
@@ -565,6 +568,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     """
     session = Session(cfg, _mode(resume, overwrite))
     try:
+        latency.prepare(session)
         seed, result = learn_stage(session)
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
@@ -612,6 +616,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if cfg.uniform_baseline:
             summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
                 session, result.seed_widths, slim_stats["cost"], history)
+        summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
         return finish(session, summary, history)
     finally:
         session.close()
@@ -622,6 +627,7 @@ def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False)
     ``resume`` and ``overwrite`` as in :func:`run_pipeline`."""
     session = Session(cfg, _mode(resume, overwrite))
     try:
+        latency.prepare(session)
         seed, result = learn_stage(session)
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
@@ -659,6 +665,7 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         raise files.RunExists(f"'{out / name}' already exists; pass --overwrite to replace it, or another --slim-dir")
     session = Session(cfg, "reuse")
     try:
+        latency.prepare(session)
         seed = session.new_seed()
         seed_stats = _measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         rebuilt, predicted = rebuild_stage(session, seed, counts, learned_cost=None,
@@ -719,11 +726,10 @@ def cost_report(cfg: RunConfig, structure: str | Path | None = None) -> tuple[li
     example = data.example_inputs(1)
     if structure is not None:
         model = morphnet.apply_structure(model, load_structure(structure), example)
-    hardware = cfg.hardware or "V100"
+    hardware, latency_note = latency.cost_hardware(cfg, model, example)
     rows = morphnet.cost_table(model, example, hardware=hardware)
     header = (f"{cfg.model}{' with ' + str(structure) if structure else ''}: one "
-              f"{'x'.join(map(str, example.shape[1:]))} input of {data.name} (batch 1); "
-              f"latency_ns on {hardware}{'' if cfg.hardware else ' (the default; --hardware to change)'}")
+              f"{'x'.join(map(str, example.shape[1:]))} input of {data.name} (batch 1); {latency_note}")
     return rows, header
 
 
