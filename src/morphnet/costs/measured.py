@@ -309,9 +309,11 @@ def _replay_cases(a: ChannelAnalysis, op: TimedOp, setting: Setting) -> tuple[li
 
 
 def extend_table(table: LatencyTable, model: nn.Module, example_inputs, *, analysis: ChannelAnalysis | None = None,
-                 timer: Timer | None = None, setting: Setting | None = None) -> tuple[int, bool]:
-    """Time the ops of ``model`` that ``table`` lacks, and the whole model once, on the table's own
-    setting; returns how many op shapes were measured and whether the whole model was timed."""
+                 timer: Timer | None = None, setting: Setting | None = None, calibrate: bool = True) -> tuple[int, bool]:
+    """Time the ops of ``model`` that ``table`` lacks on the table's own setting and, with ``calibrate``,
+    the whole model once (its rest of the network); returns how many op shapes were measured and
+    whether the whole model was timed. Without ``calibrate`` a model the table has not timed whole
+    gets the other models' rest per untimed op: its cost stays a prediction."""
     setting = setting or _setting_of(table)
     timer = timer or DeviceTimer(setting.device)
     a = analysis or analyze_model(model, example_inputs)
@@ -347,7 +349,7 @@ def extend_table(table: LatencyTable, model: nn.Module, example_inputs, *, analy
         logger.info("latency: %s in '%s' cannot be replayed on %s (%s); its time counts in the rest of the network",
                     op.kind, op.module, setting.device, error)
     fp = fingerprint(a)
-    model_timed = fp not in table.models
+    model_timed = calibrate and fp not in table.models
     if model_timed:
         table.models[fp] = _calibrate(table, model, example_inputs, a, ops, setting, timer)
     if todo:
@@ -530,8 +532,9 @@ def resolve_latency_hardware(hardware, *, model: nn.Module | None = None, exampl
         active = _ACTIVE.get()
         if active is not None and batch_size in (None, active.batch_size):
             table = active
-            if table.missing(analysis or analyze_model(model, example_inputs)):
-                extend_table(table, model, example_inputs, analysis=analysis)
+            analysis = analysis or analyze_model(model, example_inputs)
+            if table.missing(analysis):  # new op shapes (a rebuilt attention module): time the ops only
+                extend_table(table, model, example_inputs, analysis=analysis, calibrate=False)
                 if table.path is not None:
                     table.save(table.path)
         else:

@@ -125,7 +125,14 @@ def notes(summary: dict[str, Any]) -> list[str]:
                        + ("" if summary["config"]["target"] == "latency" else
                           ": try --target latency --hardware measured"))
     cfg = summary["config"]
-    widths = summary.get("slim", {}).get("widths") or {}
+    slim, target = summary.get("slim", {}), summary.get("target", {})
+    if cfg["target"] == "latency" and slim.get("target_error") is not None and slim["target_error"] > target["tolerance"]:
+        out.append(f"the target latency is out of reach: the slim network is predicted {slim['target_error']:.0%} above "
+                   f"it, at {slim['cost'] / summary['seed']['cost']:.2f}x the seed, with widths of "
+                   f"x{slim.get('width_multiplier') or 0:.3g}; what does not shrink with the widths (per-op fixed "
+                   f"costs, the rest of the network) is most of the latency here: ask for a higher --target-cost or "
+                   f"time a larger --latency-batch-size")
+    widths = slim.get("widths") or {}
     if is_cuda_target(cfg.get("hardware"), cfg.get("device")) and widths:
         odd = sorted(name for name, w in widths.items() if w % CUDA_ALIGNMENT)
         if odd:
