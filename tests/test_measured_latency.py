@@ -174,6 +174,38 @@ def test_the_measured_term_is_differentiable_and_steers_a_target_cost_run(tmp_pa
     assert morphnet.compute_cost(slim, X, "latency", hardware=table) == pytest.approx(best.cost, rel=1e-9)
 
 
+def test_the_measured_term_is_a_fixed_number_of_ops_whatever_the_depth(tmp_path):
+    """The measured program has the FLOPs program's form: the term and its backward dispatch as many
+    (non-view) aten ops as Gamma FLOPs', for 3 or 12 layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def ops(reg) -> int:
+        reg.model.zero_grad(set_to_none=True)  # no accumulation into earlier gradients
+        with Count() as count:
+            reg.get_regularization_term().backward()
+        return count.ops
+
+    counts = set()
+    for depth in (3, 12):
+        layers = [nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Conv2d(8, 2, 1))
+        table = morphnet.measure_latency(model, X, timer=SyntheticTimer(), cache_dir=tmp_path)
+        counts.add(ops(morphnet.GammaLatencyRegularizer(model, X, gamma_threshold=1e-2, hardware=table)))
+        counts.add(ops(morphnet.GammaFlopsRegularizer(model, X, gamma_threshold=1e-2)))
+    assert len(counts) == 1
+
+
 def test_a_cached_table_round_trips_and_is_reused_only_for_its_key(tmp_path):
     model = chain()
     first = morphnet.measure_latency(model, X, timer=SyntheticTimer(), cache_dir=tmp_path)
