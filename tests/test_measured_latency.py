@@ -299,6 +299,7 @@ def test_run_reports_measured_latency_and_warns_when_the_slim_network_is_slower(
     assert measured["batch_size"] == 1 and measured["device_type"] == "cpu"
     assert measured["seed"]["median_ms"] == pytest.approx(1.0) and measured["slim"]["ratio"] == pytest.approx(1.2)
     assert measured["uniform"]["median_ms"] == pytest.approx(0.9) and measured["uniform"]["widths"]
+    assert measured["table"]["source"] == "measured" and measured["table"]["path"].startswith(str(tmp_path / "cache"))
     assert all(measured[n]["spread"] == 0.01 and len(measured[n]["rounds_ms"]) == 3 for n in ("seed", "slim", "uniform"))
     assert any("not faster than the seed" in note for note in summary["warnings"])
     assert summary["target"]["unit"] == "ns" and summary["slim"]["cost"] < summary["seed"]["cost"]

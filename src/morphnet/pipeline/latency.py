@@ -36,15 +36,16 @@ def prepare(session) -> LatencyTable | None:
     cfg, ctx = session.cfg, session.ctx
     if cfg.hardware != MEASURED:
         return None
-    data = None
+    data, table = None, None
     if ctx.is_main:
         seed = session.new_seed().to(ctx.device)
         table = morphnet.measure_latency(seed, session.example.to(ctx.device), batch_size=cfg.latency_batch_size,
                                          timer=TIMER)
         session.log(describe_source(table))
         data = table.to_dict()
-    table = ctx.broadcast(data)
-    table = LatencyTable.from_dict(table) if not isinstance(table, LatencyTable) else table
+    data = ctx.broadcast(data)
+    if not ctx.is_main:
+        table = LatencyTable.from_dict(data)
     session.latency_token = activate(table)
     session.latency_table = table
     return table
@@ -92,6 +93,10 @@ def measure_run(session, summary: dict[str, Any], seed_widths: dict[str, int], s
             out[name]["ratio"] = out[name]["median_ms"] / seed_ms
     if uniform is not None:
         out["uniform"].update(widths=uniform.counts, width_multiplier=uniform.width_multiplier)
+    table = getattr(session, "latency_table", None)
+    if table is not None:  # the latency model the run learned against, and where it came from
+        out["table"] = {"name": table.name, "source": table.source, "path": str(table.path) if table.path else None,
+                        "op_shapes": len(table.ops), "timing": table.timing}
     return out
 
 
