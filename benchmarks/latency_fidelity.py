@@ -1,22 +1,31 @@
 """Latency fidelity: does a predicted cost rank rebuilt networks the way measured latency does?
 
-Variants of one seed network, each rebuilt with ``morphnet.apply_structure`` from alive counts:
-- random structures: a random fraction of every BatchNorm's channels kept (the analysis merges
-  coupled layers, so residual groups stay consistent), read back with the exporter;
+For each seed network (on CPU: CIFAR ResNet-20, the MobileNetV2-style ``mobilenetv2_cifar`` with
+depthwise convs, and the small ViT ``vit_tiny``; on CUDA: ResNet-56), variants rebuilt with
+``morphnet.apply_structure`` from alive counts:
+- random structures: every conv / linear layer keeps a random 10-100% of the channel groups it
+  writes first (BatchNorm channels, attention heads, MLP widths; coupled layers agree because the
+  groups are shared), read back with the exporter; as many as it takes to reach ``--variants``
+  distinct variants (default 50) with the others;
 - learned structures: the snapshots of one structure-learning run (the pipeline's
-  ``learn_structure``, Gamma FLOPs at a fixed strength) as it shrinks the network;
+  ``learn_structure``: Gamma FLOPs for BatchNorm networks, group lasso for the ViT) as it shrinks
+  the network;
 - every structure also rounded to multiples of 8 (``morphnet.expand_structure(..., 1.0, round_to=8)``).
-Measured: forward latency in eval mode. On CUDA (bf16 weights and inputs, channels_last): batch 1 replayed
-from a CUDA graph, and batch 256. On CPU (fp32, eager): batch 1 and batch 32. Rounds go through
-every variant in a shuffled order; a variant's latency is the median of its per-round medians
-(the fastest round, least disturbed on a shared machine, is reported beside it).
-Predicted: FLOPs and roofline latency (``morphnet.compute_cost``, for the measured batch size) on
-a hardware entry: the GPU's own on CUDA (``--hardware``, default H100), and on CPU an entry
-registered from this machine's measured matmul throughput and copy bandwidth.
-Reported: Spearman rank correlation of measured latency with each prediction, per batch size, and
-the measured effect of rounding to multiples of 8.
+Measured: forward latency in eval mode. On CUDA (bf16 weights and inputs, channels_last): batch 1
+replayed from a CUDA graph, and batch 256. On CPU (fp32, eager): batch 1 and batch 32. Rounds go
+through every variant in a shuffled order; a variant's latency is the median of its per-round
+medians (the fastest round, least disturbed on a shared machine, is reported beside it).
+Predicted, for the measured batch size:
+- FLOPs (``morphnet.compute_cost``);
+- roofline latency on a hardware entry: the GPU's own on CUDA (``--hardware``, default H100), and
+  on CPU an entry registered from this machine's measured matmul throughput and copy bandwidth;
+- the measured latency model: ``morphnet.measure_latency`` on the seed (its ops timed at a few
+  widths on this device, dtype and batch size), used for every variant (a slim network's ops are
+  the seed's ops at other widths).
+Reported: Spearman rank correlation of measured latency with each prediction, per network and batch
+size, side by side, and the measured effect of rounding to multiples of 8.
 
-    python benchmarks/latency_fidelity.py [--device auto|cpu|cuda] [--quick] [--out PATH]
+    python benchmarks/latency_fidelity.py [--device auto|cpu|cuda] [--models a,b] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -31,62 +40,101 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import RESULTS, environment, median, resolve_device, setup_cpu, synchronize, write_results
 from scipy.stats import spearmanr
 from torch import nn
 
 import morphnet
+from morphnet.costs.measured import extend_table
 from morphnet.data import load_data
 from morphnet.pipeline import RunConfig
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import learn_structure
 from morphnet.seeds import create_seed
+from morphnet.seeds.registry import takes_image_size
 
 CPU_HARDWARE = "bench-cpu"
+PREDICTIONS = ("flops", "roofline", "measured")
 
 
 def measure_cpu_roofline(threads: int) -> tuple[float, float]:
     """Rough peak GFLOP/s (best of a few 1024^3 fp32 matmuls) and GB/s (best 64 MiB copy) here."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     src, dst = torch.empty(16 * 2**20), torch.empty(16 * 2**20)
-    flops, copy = [], []
+    flops, copy_ = [], []
     for _ in range(5):
         start = time.perf_counter()
         torch.mm(a, b)
         flops.append(2 * 1024**3 / (time.perf_counter() - start) / 1e9)
         start = time.perf_counter()
         dst.copy_(src)
-        copy.append(2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return max(flops), max(copy)
+        copy_.append(2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return max(flops), max(copy_)
 
 
-def random_structures(seed_model: nn.Module, example: torch.Tensor, count: int, rng: random.Random) -> list[dict]:
-    """Alive counts of ``count`` random structures: each BatchNorm keeps a random 10-100% of its
-    channels; the Gamma regularizer's analysis makes coupled layers agree (alive = OR)."""
-    out = []
-    for _ in range(count):
-        model = copy.deepcopy(seed_model)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    keep = max(1, round(rng.uniform(0.1, 1.0) * m.num_features))
-                    m.weight.zero_()
-                    m.weight[rng.sample(range(m.num_features), keep)] = 1.0
-        reg = morphnet.GammaFlopsRegularizer(model, example, gamma_threshold=0.5)
-        out.append(morphnet.StructureExporter(reg).get_alive_counts())
-    return out
+def build_seed(name: str, bundle) -> nn.Module:
+    kwargs = {"image_size": bundle.input_shape[-1]} if takes_image_size(name) else {}
+    return create_seed(name, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0], **kwargs)
 
 
-def learned_structures(model_name: str, data: str, device: torch.device, steps: int, batch: int) -> list[dict]:
-    """Snapshots of one Gamma-FLOPs structure-learning run (ten exports along the way)."""
+def source_regularizer(model: nn.Module, example: torch.Tensor, **kw):
+    """A Gamma regularizer where BatchNorm reaches the prunable channels, else group lasso (the ViT);
+    threshold 0: every channel of a fresh network is alive."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # nothing regularized: use the weights instead
+            return morphnet.GammaFlopsRegularizer(model, example, gamma_threshold=0.0, **kw), "gamma"
+    except (ValueError, UserWarning):
+        return morphnet.GroupLassoFlopsRegularizer(model, example, threshold=0.0, **kw), "group-lasso"
+
+
+class ForcedAlive:
+    """A regularizer decorator that replaces the alive vector of the regularized groups."""
+
+    def __init__(self, regularized: np.ndarray):
+        self.regularized = torch.as_tensor(regularized)
+        self.alive: torch.Tensor | None = None
+
+    def __call__(self, alive: torch.Tensor, reg: torch.Tensor):
+        return torch.where(self.regularized.to(alive.device), self.alive.to(alive), alive), reg
+
+
+def random_structures(seed_model: nn.Module, example: torch.Tensor, rng: random.Random):
+    """An endless supply of random structures: each conv / linear layer keeps a random 10-100% of the
+    regularized channel groups it writes first; groups shared by several layers follow the first."""
+    forced = ForcedAlive(np.zeros(1, bool))
+    reg, _ = source_regularizer(seed_model, example, regularizer_decorator=forced)
+    a = reg.analysis
+    forced.regularized = torch.as_tensor(reg.grouping.regularized)
+    owner: dict[int, str] = {}
+    for name in sorted(a.weights):
+        for g in a.group_of[a.weights[name].out_ids]:
+            owner.setdefault(int(g), a.weights[name].module)
+    layers = sorted(set(owner.values()))
+    exporter = morphnet.StructureExporter(reg)
+    while True:
+        keep = {layer: rng.uniform(0.1, 1.0) for layer in layers}
+        forced.alive = torch.tensor([rng.random() < keep.get(owner.get(g), 1.0) for g in range(a.num_groups)],
+                                    dtype=torch.float64)
+        yield exporter.get_alive_counts()
+
+
+def learned_structures(model_name: str, data: str, device: torch.device, steps: int, batch: int, learn: dict) -> list[dict]:
+    """Snapshots of one structure-learning run (ten exports along the way): ``learn`` holds a FLOPs
+    ``target_cost`` (steered) or a ``strength`` k (fixed, k / seed FLOPs)."""
     bundle = load_data(data, seed=0)
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
-        model = create_seed(model_name, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0]).to(device)
+        model = build_seed(model_name, bundle).to(device)
+        _, regularizer = source_regularizer(model, bundle.example_inputs(1).to(device))
         seed_flops = morphnet.compute_cost(model, bundle.example_inputs(1).to(device))
-        cfg = RunConfig(model=model_name, data=data, strength=30 / seed_flops, steps=steps, batch_size=batch,
-                        export_every=max(1, steps // 10), log_every=max(1, steps // 10), out=out, quiet=True)
+        target = ({"target_cost": learn["target_cost"]} if "target_cost" in learn
+                  else {"strength": learn["strength"] / seed_flops})
+        cfg = RunConfig(model=model_name, data=data, regularizer=regularizer, steps=steps, batch_size=batch,
+                        export_every=max(1, steps // 10), log_every=max(1, steps // 10), out=out, quiet=True,
+                        min_layer_fraction=0.0, **target)
         learn_structure(cfg, DistContext(device=device), bundle, model)
         files = sorted(Path(out, "learned_structure").glob("alive_*.json"), key=lambda p: int(p.stem.split("_")[1]))
         return [json.loads(p.read_text()) for p in files]
@@ -138,10 +186,12 @@ def forward_timer(model: nn.Module, batch: int, shape: tuple[int, ...], device: 
     return run_cuda
 
 
-def build_variants(seed_model, example, structures: list[tuple[str, dict]], round_to: int) -> list[dict]:
-    """Every distinct structure as given and rounded to multiples of ``round_to``."""
-    variants, seen = [], set()
-    for i, (kind, counts) in enumerate(structures):
+def build_variants(seed_model, example, structures: list[tuple[str, dict]], round_to: int,
+                   seen: set | None = None) -> list[dict]:
+    """Every distinct structure as given and rounded to multiples of ``round_to`` (``seen``: keys of
+    variants already built, updated)."""
+    variants, seen = [], set() if seen is None else seen
+    for i, (kind, counts) in structures:
         rounded = morphnet.expand_structure(seed_model, counts, example, 1.0, round_to=round_to)
         for is_rounded, final in ((False, counts), (True, rounded)):
             key = json.dumps(final, sort_keys=True)
@@ -152,64 +202,76 @@ def build_variants(seed_model, example, structures: list[tuple[str, dict]], roun
 
 
 SETTINGS = {
-    "cuda": {"model": "resnet56", "data": "synthetic:20000", "batches": (1, 256), "random": 16, "learn_steps": 1500,
-             "learn_batch": 128, "rounds": 5, "reps": {1: 200, 256: 20}},
-    "cpu": {"model": "resnet20", "data": "synthetic:2000", "batches": (1, 32), "random": 16, "learn_steps": 150,
-            "learn_batch": 32, "rounds": 5, "reps": {1: 30, 32: 8}},
-    "quick": {"model": "digits_cnn", "data": "digits", "batches": (1, 8), "random": 2, "learn_steps": 20,
-              "learn_batch": 32, "rounds": 1, "reps": {1: 2, 8: 2}},
+    "cuda": {"models": ("resnet56",), "data": "synthetic:20000", "batches": (1, 256), "variants": 50,
+             "learn_steps": 1500, "learn_batch": 128, "learn": {"strength": 30}, "rounds": 5,
+             "reps": {1: 200, 256: 20}},
+    "cpu": {"models": ("resnet20", "mobilenetv2_cifar", "vit_tiny"), "data": "synthetic:2000", "batches": (1, 32),
+            "variants": 50, "learn_steps": 150, "learn_batch": 32, "learn": {"target_cost": 0.25}, "rounds": 5,
+            "reps": {1: 30, 32: 8}},
+    "quick": {"models": ("digits_cnn", "vit_tiny"), "data": "digits", "batches": (1, 8), "variants": 6,
+              "learn_steps": 20, "learn_batch": 32, "learn": {"target_cost": 0.5}, "rounds": 1,
+              "reps": {1: 2, 8: 2}},
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="a few tiny variants (used by the test suite)")
-    parser.add_argument("--model", help="seed network (default resnet56 on CUDA, resnet20 on CPU)")
-    parser.add_argument("--hardware", default="H100", help="roofline entry for CUDA runs (default H100)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/latency_fidelity_<device>.json)")
-    args = parser.parse_args()
-    setup_cpu(args.threads)
-    device = resolve_device(args.device)
-    torch.backends.cudnn.benchmark = True
-    cfg = dict(SETTINGS["quick" if args.quick else device.type])
-    if args.model:
-        cfg["model"] = args.model
-    env = environment(device)
-    if device.type == "cuda":
-        hardware, measured_entry = args.hardware, None
-    else:
-        peak, bandwidth = measure_cpu_roofline(args.threads)
-        morphnet.register_hardware(CPU_HARDWARE, peak, bandwidth, overwrite=True)
-        hardware = CPU_HARDWARE
-        measured_entry = {"peak_gflops": round(peak, 1), "bandwidth_gbps": round(bandwidth, 1)}
-        print(f"{CPU_HARDWARE}: measured {peak:.0f} GFLOP/s (fp32 matmul) and {bandwidth:.1f} GB/s (copy) "
-              f"with {args.threads} thread(s)", flush=True)
+def latency_tables(seed_model: nn.Module, example: torch.Tensor, device: torch.device, batches, quick: bool) -> dict:
+    """The measured latency model of the seed per batch size, timed on this device (not cached)."""
+    tables = {}
+    model = copy.deepcopy(seed_model).eval().to(device)
+    dtype, fmt = (torch.bfloat16, "channels_last") if device.type == "cuda" else (torch.float32, "contiguous")
+    for b in batches:
+        start = time.perf_counter()
+        tables[b] = morphnet.measure_latency(model, example.to(device), device=device, dtype=dtype, batch_size=b,
+                                             memory_format=fmt, cache=False, rounds=1 if quick else 5,
+                                             warmup=1 if quick else 3)
+        tables[b].seconds = time.perf_counter() - start
+    return tables
 
+
+def measured_prediction(table, slim: nn.Module, example: torch.Tensor) -> float:
+    """The measured model's latency (ns) of ``slim``; op shapes the seed's table lacks (a rebuilt
+    attention module's own ops, a width above the seed's) are timed first, never the variant whole."""
+    try:
+        return morphnet.compute_cost(slim, example, "latency", hardware=table)
+    except ValueError:
+        extend_table(table, slim, example, calibrate=False)
+        return morphnet.compute_cost(slim, example, "latency", hardware=table)
+
+
+def run_model(name: str, cfg: dict, device: torch.device, hardware: str, quick: bool, rng: random.Random):
+    """Variants of one seed network, timed and predicted: (rows, summary, settings)."""
     bundle = load_data(cfg["data"], seed=0)
-    shape = bundle.input_shape
-    example = bundle.example_inputs(1)
+    shape, example = bundle.input_shape, bundle.example_inputs(1)
     torch.manual_seed(0)
-    seed_model = create_seed(cfg["model"], num_classes=bundle.num_classes, in_channels=shape[0])
-    full = morphnet.StructureExporter(morphnet.GammaFlopsRegularizer(seed_model, example, gamma_threshold=0.0))
-    rng = random.Random(0)
-    structures = [("seed", full.get_alive_counts())]
-    structures += [("random", c) for c in random_structures(seed_model, example, cfg["random"], rng)]
+    seed_model = build_seed(name, bundle)
+    full = morphnet.StructureExporter(source_regularizer(seed_model, example)[0])
     start = time.perf_counter()
-    structures += [("learned", c) for c in learned_structures(cfg["model"], cfg["data"], device, cfg["learn_steps"],
-                                                                  cfg["learn_batch"])]
-    print(f"learned structures in {time.perf_counter() - start:.0f} s", flush=True)
-    variants = build_variants(seed_model, example, structures, round_to=8)
+    learned = learned_structures(name, cfg["data"], device, cfg["learn_steps"], cfg["learn_batch"], cfg["learn"])
+    print(f"{name}: learned structures in {time.perf_counter() - start:.0f} s", flush=True)
+    structures = [("seed", full.get_alive_counts())] + [("learned", c) for c in learned]
+    seen: set = set()
+    variants = build_variants(seed_model, example, list(enumerate(structures)), 8, seen)
+    supply = random_structures(seed_model, example, rng)
+    for _ in range(20 * cfg["variants"]):
+        if len(variants) >= cfg["variants"]:
+            break
+        structures.append(("random", next(supply)))
+        variants += build_variants(seed_model, example, [(len(structures) - 1, structures[-1])], 8, seen)
+    start = time.perf_counter()
+    tables = latency_tables(seed_model, example, device, cfg["batches"], quick)
+    print(f"{name}: measured latency model in {time.perf_counter() - start:.0f} s "
+          f"({', '.join(f'batch {b}: {len(t.ops)} op shapes' for b, t in tables.items())})", flush=True)
 
     timers = []
     for v in variants:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # layers kept at one channel instead of zero
             slim = morphnet.apply_structure(seed_model, v["counts"], example)
+        v["model"] = name
         v["flops"] = morphnet.compute_cost(slim, example, "flops")
         for b in cfg["batches"]:
             v[f"roofline_ns_b{b}"] = morphnet.compute_cost(slim, example, "latency", hardware, batch_size=b)
+            v[f"measured_ns_b{b}"] = measured_prediction(tables[b], slim, example)
         slim = slim.eval().to(device)
         if device.type == "cuda":
             slim = slim.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
@@ -227,7 +289,7 @@ def main() -> None:
             for b, run in timers[i].items():
                 samples[i][b].append(run(cfg["reps"][b]))
     synchronize(device)
-    print(f"measured {len(variants)} variants in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{name}: timed {len(variants)} variants in {time.perf_counter() - start:.0f} s", flush=True)
     for v, s in zip(variants, samples):
         for b in cfg["batches"]:
             v[f"latency_ms_b{b}"] = round(1e3 * median(s[b]), 4)
@@ -236,33 +298,89 @@ def main() -> None:
 
     summary = {}
     for b in cfg["batches"]:
-        flops, roofline = [v["flops"] for v in variants], [v[f"roofline_ns_b{b}"] for v in variants]
-        measured, fastest = [v[f"latency_ms_b{b}"] for v in variants], [v[f"fastest_round_ms_b{b}"] for v in variants]
-        summary[f"batch_{b}"] = {
-            "spearman_flops": round(float(spearmanr(measured, flops)[0]), 3),
-            "spearman_roofline": round(float(spearmanr(measured, roofline)[0]), 3),
-            "spearman_flops_fastest_round": round(float(spearmanr(fastest, flops)[0]), 3),
-            "spearman_roofline_fastest_round": round(float(spearmanr(fastest, roofline)[0]), 3),
+        measured = [v[f"latency_ms_b{b}"] for v in variants]
+        fastest = [v[f"fastest_round_ms_b{b}"] for v in variants]
+        predictions = {"flops": [v["flops"] for v in variants],
+                       "roofline": [v[f"roofline_ns_b{b}"] for v in variants],
+                       "measured": [v[f"measured_ns_b{b}"] for v in variants]}
+        s = {f"spearman_{k}": _spearman(measured, p) for k, p in predictions.items()}
+        s.update({f"spearman_{k}_fastest_round": _spearman(fastest, p) for k, p in predictions.items()})
+        seed_row = next(v for v in variants if v["kind"] == "seed" and not v["rounded"])
+        s.update({
             "rounding_speedup_median": _rounding_effect(variants, f"latency_ms_b{b}"),
             "round_spread_median": round(median([v[f"round_spread_b{b}"] for v in variants]), 4),
-        }
+            "seed_ms": seed_row[f"latency_ms_b{b}"], "seed_measured_model_ms": round(seed_row[f"measured_ns_b{b}"] / 1e6, 4),
+            "measured_model_ratio_median": round(median([v[f"measured_ns_b{b}"] / 1e6 / v[f"latency_ms_b{b}"]
+                                                         for v in variants]), 4),
+            "slower_than_seed": sum(v[f"latency_ms_b{b}"] > seed_row[f"latency_ms_b{b}"] for v in variants
+                                    if v is not seed_row),
+        })
+        summary[f"batch_{b}"] = s
     summary["rounding_flop_ratio_median"] = _rounding_effect(variants, "flops")
+    kinds = {kind: sum(k == kind for k, _ in structures) for kind in ("seed", "random", "learned")}
+    settings = {"structures": kinds, "variants": len(variants),
+                "tables": {str(b): {"seconds": round(t.seconds, 1), "op_shapes": len(t.ops), "timing": t.timing,
+                                    "key": t.key, "models": t.models} for b, t in tables.items()}}
+    return variants, summary, settings
+
+
+def _spearman(a, b) -> float:
+    return round(float(spearmanr(a, b)[0]), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="a few tiny variants (used by the test suite)")
+    parser.add_argument("--models", help="comma-separated seed networks (default resnet56 on CUDA; resnet20, "
+                                         "mobilenetv2_cifar, vit_tiny on CPU)")
+    parser.add_argument("--variants", type=int, help="distinct variants per network (default 50)")
+    parser.add_argument("--hardware", default="H100", help="roofline entry for CUDA runs (default H100)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/latency_fidelity_<device>.json)")
+    args = parser.parse_args()
+    setup_cpu(args.threads)
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    cfg = dict(SETTINGS["quick" if args.quick else device.type])
+    if args.models:
+        cfg["models"] = tuple(args.models.split(","))
+    if args.variants:
+        cfg["variants"] = args.variants
+    env = environment(device)
+    if device.type == "cuda":
+        hardware, measured_entry = args.hardware, None
+    else:
+        peak, bandwidth = measure_cpu_roofline(args.threads)
+        morphnet.register_hardware(CPU_HARDWARE, peak, bandwidth, overwrite=True)
+        hardware = CPU_HARDWARE
+        measured_entry = {"peak_gflops": round(peak, 1), "bandwidth_gbps": round(bandwidth, 1)}
+        print(f"{CPU_HARDWARE}: measured {peak:.0f} GFLOP/s (fp32 matmul) and {bandwidth:.1f} GB/s (copy) "
+              f"with {args.threads} thread(s)", flush=True)
+
+    rng = random.Random(0)
+    rows, summary, per_model = [], {}, {}
+    for name in cfg["models"]:
+        variants, summary[name], per_model[name] = run_model(name, cfg, device, hardware, args.quick, rng)
+        rows += variants
     env["load_average_1m_after"] = round(os.getloadavg()[0], 2)
 
-    kinds = {kind: sum(k == kind for k, _ in structures) for kind in ("seed", "random", "learned")}
-    print(f"\n{len(variants)} distinct variants of {cfg['model']} from {kinds['random']} random and {kinds['learned']} "
-          f"learned structures and the seed, each as is and rounded to 8, on {env['device_name']}")
-    for b in cfg["batches"]:
-        s = summary[f"batch_{b}"]
-        print(f"batch {b:4d}: Spearman(latency, FLOPs) = {s['spearman_flops']:+.3f}   Spearman(latency, roofline on "
-              f"{hardware}) = {s['spearman_roofline']:+.3f}   unrounded/rounded latency (median) = "
-              f"{s['rounding_speedup_median']}   spread over rounds (median) = {s['round_spread_median']:.1%}")
-        print(f"            fastest round instead of median: Spearman with FLOPs "
-              f"{s['spearman_flops_fastest_round']:+.3f}, with roofline {s['spearman_roofline_fastest_round']:+.3f}")
-    print(f"rounded/unrounded FLOPs (median): {summary['rounding_flop_ratio_median']}")
+    print(f"\nSpearman rank correlation with measured latency on {env['device_name']} ({device.type}), "
+          f"{'bf16 channels_last' if device.type == 'cuda' else f'fp32, {args.threads} thread(s)'}:")
+    print(f"{'network':20} {'batch':>5} {'variants':>8} {'FLOPs':>7} {'roofline':>9} {'measured':>9}   "
+          f"{'seed ms':>8} {'model/real':>10} {'spread':>7} {'slower':>6}")
+    for name in cfg["models"]:
+        for b in cfg["batches"]:
+            s = summary[name][f"batch_{b}"]
+            print(f"{name:20} {b:5d} {per_model[name]['variants']:8d} {s['spearman_flops']:+7.3f} "
+                  f"{s['spearman_roofline']:+9.3f} {s['spearman_measured']:+9.3f}   {s['seed_ms']:8.3f} "
+                  f"{s['measured_model_ratio_median']:10.3f} {s['round_spread_median']:7.1%} {s['slower_than_seed']:6d}")
+    print("model/real: the measured model's prediction over the measured latency (median over variants); "
+          "slower: variants slower than the seed")
     out = args.out or RESULTS / f"latency_fidelity_{device.type}{'_quick' if args.quick else ''}.json"
-    write_results(out, {"environment": env, "settings": {**cfg, "hardware": hardware, "cpu_hardware_entry": measured_entry},
-                        "summary": summary, "rows": variants}, variants)
+    write_results(out, {"environment": env, "settings": {**cfg, "hardware": hardware, "cpu_hardware_entry": measured_entry,
+                                                         "per_model": per_model},
+                        "summary": summary, "rows": rows}, rows)
     print(f"wrote {out}")
 
 

@@ -22,12 +22,13 @@ SCRIPTS = {
     "pareto.py": {"environment", "settings", "comparisons", "rows"},
     "budgets.py": {"environment", "setting", "table", "morphnet_by_validation", "rows"},
     "latency_fidelity.py": {"environment", "settings", "summary", "rows"},
+    "latency_end_to_end.py": {"environment", "settings", "summary", "rows"},
     "prunable_share.py": {"environment", "skipped", "rows"},
     "zoo_detection.py": {"torch", "torchvision", "rows"},
 }
 # seconds a script may take in quick mode: 5-20x its time on an idle 2-core box (4-9 s), 2-3x its
 # time on one loaded by five other jobs, so a hang fails fast with the script's output
-TIMEOUTS = {"pareto.py": 300}
+TIMEOUTS = {"pareto.py": 300, "latency_fidelity.py": 300, "latency_end_to_end.py": 300}
 DEFAULT_TIMEOUT = 150
 
 
@@ -131,20 +132,41 @@ def digits_cnn_flops(w: dict) -> int:
 
 def test_latency_fidelity_variants_are_what_the_docs_say(quick):
     """Quick mode cannot show the ranking (one round on a busy machine), so it checks the variants
-    the correlations are computed over: distinct rebuilt structures, the rounded ones on multiples
-    of 8, each with its FLOPs counted right and a roofline prediction per batch size."""
+    the correlations are computed over: per network, distinct rebuilt structures (random, learned,
+    rounded on multiples of 8), each with its FLOPs counted right, and a roofline and a measured-model
+    prediction per batch size; the ViT's heads and MLP widths vary too."""
     result, _ = quick("latency_fidelity.py")
     rows = result["rows"]
-    assert result["settings"]["model"] == "digits_cnn"
-    assert {row["kind"] for row in rows} == {"seed", "random", "learned"} and any(row["rounded"] for row in rows)
-    assert len({tuple(sorted(row["counts"].items())) for row in rows}) == len(rows)
-    assert all(width % 8 == 0 for row in rows if row["rounded"] for width in row["counts"].values())
-    assert all(row["flops"] == digits_cnn_flops(row["counts"]) for row in rows)
+    assert result["settings"]["models"] == ["digits_cnn", "vit_tiny"]
     small, large = result["settings"]["batches"]
-    assert all(row[f"roofline_ns_b{large}"] > row[f"roofline_ns_b{small}"] > 0 for row in rows)
-    for batch in result["settings"]["batches"]:
-        summary = result["summary"][f"batch_{batch}"]
-        assert math.isfinite(summary["spearman_flops"]) and math.isfinite(summary["spearman_roofline"])
+    for model in result["settings"]["models"]:
+        mine = [row for row in rows if row["model"] == model]
+        assert len(mine) >= result["settings"]["variants"]
+        assert {row["kind"] for row in mine} >= {"seed", "random"} and any(row["rounded"] for row in mine)
+        assert len({tuple(sorted(row["counts"].items())) for row in mine}) == len(mine)
+        assert all(width % 8 == 0 for row in mine if row["rounded"] for width in row["counts"].values())
+        assert all(row[f"roofline_ns_b{large}"] > row[f"roofline_ns_b{small}"] > 0 for row in mine)
+        assert all(row[f"measured_ns_b{b}"] > 0 for row in mine for b in (small, large))
+        for batch in (small, large):
+            summary = result["summary"][model][f"batch_{batch}"]
+            assert all(math.isfinite(summary[f"spearman_{p}"]) for p in ("flops", "roofline", "measured"))
+        tables = result["settings"]["per_model"][model]["tables"]
+        assert {t["key"]["batch_size"] for t in tables.values()} == {small, large}
+    assert all(row["flops"] == digits_cnn_flops(row["counts"]) for row in rows if row["model"] == "digits_cnn")
+    vit = [row for row in rows if row["model"] == "vit_tiny"]
+    assert len({tuple(sorted(row["counts"].items())) for row in vit}) > 2
+
+
+def test_latency_end_to_end_reports_ratios_and_accuracy_verdicts(quick):
+    result, folder = quick("latency_end_to_end.py")
+    rows = result["rows"]
+    assert [row["seed"] for row in rows] == result["settings"]["seeds"] and len(rows) == 2
+    assert all(row["slim_ms"] > 0 and row["seed_ms"] > 0 and 0 < row["predicted_ratio"] for row in rows)
+    assert all(0 <= row["slim_accuracy"] <= 1 for row in rows)
+    assert result["summary"]["accuracy_pooled"]["verdict"] in {"win", "loss", "tie"}
+    runs = folder / "result_runs"
+    assert len(list((runs / "latency_cache").glob("*.json"))) == 1  # one table, measured once, for every seed
+    assert all((runs / f"seed_{row['seed']}" / "summary.json").is_file() for row in rows)
 
 
 def test_pareto_combines_runs_over_disjoint_seeds(quick, tmp_path):

@@ -7,6 +7,7 @@ rebuild the slimmer network and retrain it.
 
 from morphnet.control import TargetCost
 from morphnet.costs.hardware import Hardware, register_hardware
+from morphnet.costs.measured import LatencyTable, measure_latency
 from morphnet.errors import UnsupportedGraphError
 from morphnet.evaluation import compute_cost, cost_table
 from morphnet.export import StructureExporter
@@ -35,6 +36,7 @@ __all__ = [
     "LogisticSigmoidFlopsRegularizer", "LogisticSigmoidModelSizeRegularizer", "LogisticSigmoidLatencyRegularizer",
     "LogisticSigmoidGate", "add_gates", "remove_gates", "fold_gates",
     "StructureExporter", "TargetCost", "write_summaries", "register_hardware", "Hardware", "compute_cost", "cost_table",
+    "measure_latency", "LatencyTable",
     "apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim",
     "compress", "recalibrate_batchnorm",
 ]

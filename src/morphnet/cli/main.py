@@ -43,7 +43,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                        help="resize every image to this size, for every --data (default: the data's own size, 32 for "
                             "folders, or the fixed size of a model that has one, e.g. 224 for timm ViTs)")
     group.add_argument("--seed", type=int, default=None, help="random seed of initialization, data order and splits (default 0)")
-    group.add_argument("--hardware", default=None, help="hardware of the latency model (e.g. V100, T4, H100)")
+    group.add_argument("--hardware", default=None,
+                       help="hardware of the latency model: a roofline entry (e.g. V100, T4, H100), 'measured' "
+                            "(time the model's ops on --device and fit a latency model, cached) or a saved table "
+                            "(.json)")
+    group.add_argument("--latency-batch-size", type=_positive_int, default=None,
+                       help="batch size of measured latency and of the end-of-run latency check (default 1)")
 
 
 def _run_options(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -104,7 +109,9 @@ def _rebuild_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--expand-to", type=float, default=None,
                        help="scale all learned widths by one factor to spend this budget (<= 1: fraction of the "
                             "seed's cost, > 1: absolute)")
-    group.add_argument("--round-to", type=_positive_int, default=None, help="round every width to a multiple of N")
+    group.add_argument("--round-to", type=_positive_int, default=None,
+                       help="round every width to a multiple of N (default 8 on a CUDA target: a GPU --hardware, "
+                            "or 'measured' on a CUDA device; 1 keeps any width)")
     group.add_argument("--retrain-steps", type=_positive_int, default=None,
                        help="steps of retraining from scratch (default: --steps)")
     group.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of retraining, cosine decay (default 0.05)")
@@ -135,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-baseline", action="store_true", help="do not train the seed for comparison")
     run.add_argument("--uniform-baseline", action="store_true", default=None,
                      help="also train the seed with all widths scaled by one factor to the slim network's cost")
+    run.add_argument("--no-latency-check", action="store_true",
+                     help="do not time the seed, slim and uniform networks at the end of the run")
     _run_options(run, "run folder (default morphnet_run)")
     _folder_options(run)
     _debug_option(run)
@@ -166,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model")
     _model_options(cost)
     cost.add_argument("--structure", default=None, help="show the slim network built with this alive-count JSON")
+    cost.add_argument("--device", default=None, help="where --hardware measured times the model (default auto)")
     cost.add_argument("--json", action="store_true", help="print the rows as JSON")
     _debug_option(cost)
 
@@ -183,6 +193,8 @@ def _config(args: argparse.Namespace, saved: dict | None = None) -> RunConfig:
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     if getattr(args, "no_baseline", False):
         values["baseline"] = False
+    if getattr(args, "no_latency_check", False):
+        values["latency_check"] = False
     return RunConfig.from_saved(values) if saved else RunConfig.from_dict(values)
 
 

@@ -141,9 +141,10 @@ def _layer_per_call(p: CostProgram):
     return layer_of
 
 
-def build_cost_program(a: ChannelAnalysis, resource: str, *, hardware: Hardware | None = None,
-                       batch_size: int = 1) -> CostProgram:
-    """Cost program of ``resource`` ('flops', 'size', 'activations', 'memory', 'latency')."""
+def build_cost_program(a: ChannelAnalysis, resource: str, *, hardware=None, batch_size: int = 1) -> CostProgram:
+    """Cost program of ``resource`` ('flops', 'size', 'activations', 'memory', 'latency'). Latency
+    takes a roofline ``Hardware`` entry, or a measured table (``costs/measured.py``), which builds
+    its own program from its per-op fits."""
     if resource not in RESOURCES:
         raise ValueError(f"unknown resource {resource!r}; choose one of {', '.join(RESOURCES)}")
     if batch_size < 1:
@@ -160,6 +161,8 @@ def build_cost_program(a: ChannelAnalysis, resource: str, *, hardware: Hardware 
     else:
         if hardware is None:
             raise ValueError("the latency resource needs a hardware entry")
+        if not isinstance(hardware, Hardware):
+            return hardware.cost_program(a, batch_size)
         p.roofline = True
         layer_of = _layer_per_call(p)
         _flops(p, a, layer_of, scale=batch_size / hardware.peak_compute)

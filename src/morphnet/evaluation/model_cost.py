@@ -9,24 +9,32 @@ import torch
 from torch import nn
 
 from morphnet.channels import analyze_model
-from morphnet.costs.hardware import get_hardware
+from morphnet.costs.measured import LatencyTable, resolve_latency_hardware
 from morphnet.costs.resources import build_cost_program
 from morphnet.evaluation.evaluator import CostEvaluator
 
 
 def compute_cost(model: nn.Module, example_inputs, resource: str = "flops", hardware=None,
-                 batch_size: int = 1) -> float:
-    """Cost of ``model`` per example (FLOPs, weights, ...; latency in ns for ``batch_size``)."""
+                 batch_size: int | None = None) -> float:
+    """Cost of ``model`` per example (FLOPs, weights, ...); latency in ns for a batch of ``batch_size``
+    (default 1; a measured table's own batch), on ``hardware``: a roofline entry, ``"measured"`` or a
+    table from ``morphnet.measure_latency``."""
     analysis = analyze_model(model, example_inputs)
-    program = build_cost_program(analysis, resource, hardware=get_hardware(hardware) if hardware else None,
-                                 batch_size=batch_size)
+    if hardware is not None and resource == "latency":
+        hardware, batch_size = resolve_latency_hardware(hardware, model=model, example_inputs=example_inputs,
+                                                        batch_size=batch_size, analysis=analysis, what="compute_cost")
+    elif hardware is not None:
+        hardware = None  # only latency reads it
+    program = build_cost_program(analysis, resource, hardware=hardware, batch_size=batch_size or 1)
     evaluator = CostEvaluator(program, analysis.group_of, analysis.num_groups)
     cost, _ = evaluator.evaluate(torch.ones(analysis.num_groups, dtype=torch.float64), None)
     return float(cost)
 
 
-def cost_table(model: nn.Module, example_inputs, hardware="V100", batch_size: int = 1) -> list[dict]:
-    """One row per conv / linear module: FLOPs, weights, roofline latency (ns), output channels.
+def cost_table(model: nn.Module, example_inputs, hardware="V100", batch_size: int | None = None) -> list[dict]:
+    """One row per conv / linear module: FLOPs, weights, latency (ns) on ``hardware`` (a roofline
+    entry, ``"measured"`` or a measured table: then the fitted time of the module's conv / linear
+    calls), output channels.
 
     ``prunable`` says whether the layer's output width can change. ``gamma`` says whether a
     BatchNorm scale can prune it: ``"yes"``, ``"uncovered"`` (a BatchNorm reaches its channels
@@ -35,7 +43,8 @@ def cost_table(model: nn.Module, example_inputs, hardware="V100", batch_size: in
     activations, element-wise, pooling, concat) that belong to no conv / linear layer.
     """
     analysis = analyze_model(model, example_inputs)
-    hw = get_hardware(hardware)
+    hw, batch_size = resolve_latency_hardware(hardware, model=model, example_inputs=example_inputs,
+                                              batch_size=batch_size, analysis=analysis, what="cost_table")
     gamma = _gamma_coverage(model, analysis)
     rows: dict[str, dict] = {}
     for info in analysis.weights.values():
@@ -56,7 +65,12 @@ def cost_table(model: nn.Module, example_inputs, hardware="V100", batch_size: in
         memory = 4 * ((call.in_numel * n_in + call.out_numel * n_out) * batch_size + weights)
         row = rows[call.module]
         row["flops"] += flops
-        row["latency_ns"] += max(flops * batch_size / hw.peak_compute, memory / hw.memory_bandwidth)
+        if not isinstance(hw, LatencyTable):
+            row["latency_ns"] += max(flops * batch_size / hw.peak_compute, memory / hw.memory_bandwidth)
+    if isinstance(hw, LatencyTable):
+        for op, ns in hw.op_latencies(analysis):
+            if op.kind in ("conv", "linear") and op.module in rows:
+                rows[op.module]["latency_ns"] += ns
     total_latency = compute_cost(model, example_inputs, "latency", hw, batch_size)
     table = sorted(rows.values(), key=lambda r: list(rows).index(r["name"]))
     other = total_latency - sum(r["latency_ns"] for r in table)

@@ -133,7 +133,8 @@ class MorphNetRun:
         if resource not in RESOURCES:
             raise ValueError(f"MorphNet: unknown resource '{resource}'; choose one of {', '.join(RESOURCES)}")
         if resource == "latency" and not hardware:
-            raise ValueError("MorphNet: resource='latency' needs hardware=NAME (for example 'V100', 'H100')")
+            raise ValueError("MorphNet: resource='latency' needs hardware=NAME (for example 'V100', 'H100', or 'measured' "
+                             "to time the model on its device)")
         if isinstance(regularizer, str) and regularizer not in ("auto", "gamma", "group-lasso"):
             raise ValueError(f"MorphNet: unknown regularizer '{regularizer}'; choose auto, gamma or group-lasso, "
                              "or pass a regularizer or a function (model, example_input) -> regularizer")

@@ -50,6 +50,8 @@ class RunConfig:
     export_every: int | None = None
     expand_to: float | None = None
     round_to: int | None = None
+    latency_batch_size: int = 1
+    latency_check: bool = True
     baseline: bool = True
     uniform_baseline: bool = False
     seed_weights: str | None = None
@@ -69,6 +71,10 @@ class RunConfig:
             self.data = default_data(self.model)
         if self.retrain_steps is None:
             self.retrain_steps = self.steps
+        if self.round_to is None:  # multiples of 8 on a CUDA target; --round-to 1 keeps any width
+            from morphnet.pipeline.latency import round_to_default
+
+            self.round_to = round_to_default(self.hardware, self.device, self.finetune)
         self.validate()
 
     def validate(self) -> None:
@@ -88,8 +94,13 @@ class RunConfig:
             raise ValueError(f"regularizer '{self.regularizer}' has no '{self.target}' target; it supports "
                              f"{', '.join(regularizer_targets(self.regularizer))}")
         if self.target == "latency" and not self.hardware:
-            raise ValueError("--target latency needs --hardware NAME (for example V100, T4, H100)")
-        if self.hardware:
+            raise ValueError("--target latency needs --hardware NAME (for example V100, T4, H100, or 'measured' to "
+                             "time the model on this device)")
+        if self.hardware and self.hardware.endswith(".json"):
+            if not Path(self.hardware).expanduser().is_file():
+                raise ValueError(f"--hardware {self.hardware}: no such latency table (save one with "
+                                 "morphnet.measure_latency(...).save(path), or use --hardware measured)")
+        elif self.hardware and self.hardware != "measured":
             get_hardware(self.hardware)  # an unknown name raises, listing the known ones
         positive("strength", self.strength, allow_zero=True)
         positive("target-cost", self.target_cost)
@@ -114,7 +125,8 @@ class RunConfig:
                              f"--regularizer gamma (got '{self.regularizer}')")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
-        for name in ("steps", "retrain_steps", "batch_size", "log_every", "export_every", "round_to", "image_size"):
+        for name in ("steps", "retrain_steps", "batch_size", "log_every", "export_every", "round_to", "image_size",
+                     "latency_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import morphnet
+from morphnet.pipeline import latency
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.rebuild import load_structure
 from morphnet.pipeline.session import prepare_model_and_data
@@ -24,11 +25,10 @@ def cost_report(cfg: RunConfig, structure: str | Path | None = None) -> tuple[li
     example = data.example_inputs(1)
     if structure is not None:
         model = morphnet.apply_structure(model, load_structure(structure), example)
-    hardware = cfg.hardware or "V100"
+    hardware, latency_note = latency.cost_hardware(cfg, model, example)
     rows = morphnet.cost_table(model, example, hardware=hardware)
     header = (f"{cfg.model}{' with ' + str(structure) if structure else ''}: one "
-              f"{'x'.join(map(str, example.shape[1:]))} input of {data.name} (batch 1); "
-              f"latency_ns on {hardware}{'' if cfg.hardware else ' (the default; --hardware to change)'}")
+              f"{'x'.join(map(str, example.shape[1:]))} input of {data.name} (batch 1); {latency_note}")
     return rows, header
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import morphnet
 from morphnet.pipeline import files
+from morphnet.pipeline import latency  # measured latency: the run's table and the end-of-run check
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.rebuild import load_structure
 from morphnet.pipeline.session import Session, folder_mode
@@ -29,6 +30,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     """
     session = Session(cfg, folder_mode(resume, overwrite))
     try:
+        latency.prepare(session)
         seed, result = learn_stage(session)
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
@@ -56,6 +58,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if cfg.uniform_baseline:
             summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
                 session, result.seed_widths, slim_stats["cost"], history)
+        summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
         return finish(session, summary, history)
     finally:
         session.close()
@@ -66,6 +69,7 @@ def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False)
     ``resume`` and ``overwrite`` as in :func:`run_pipeline`."""
     session = Session(cfg, folder_mode(resume, overwrite))
     try:
+        latency.prepare(session)
         seed, result = learn_stage(session)
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
@@ -103,6 +107,7 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
         raise files.RunExists(f"'{out / name}' already exists; pass --overwrite to replace it, or another --slim-dir")
     session = Session(cfg, "reuse")
     try:
+        latency.prepare(session)
         seed = session.new_seed()
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         rebuilt, predicted = rebuild_stage(session, seed, counts, learned_cost=None,

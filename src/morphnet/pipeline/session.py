@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from morphnet.data import DataBundle, load_data
-from morphnet.pipeline import distributed, files
+from morphnet.pipeline import distributed, files, latency
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.progress import progress_bar
@@ -184,6 +184,7 @@ class Session:
         return self.writer
 
     def close(self) -> None:
+        latency.release(self)
         self.checkpointer.uninstall()
         if self.writer is not None:
             self.writer.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from morphnet.pipeline import files
+from morphnet.pipeline import files, latency
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.learn import LearnResult
@@ -75,6 +75,7 @@ def outcome(summary: dict[str, Any]) -> list[str]:
         if slim.get("width_multiplier") is not None:
             notes.append(f"the slim network reaches the target only through the uniform width multiplier "
                          f"(x{slim['width_multiplier']:.3f} on every layer), not through learned widths")
+    notes += latency.notes(summary)
     return notes
 
 

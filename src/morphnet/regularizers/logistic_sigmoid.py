@@ -72,9 +72,9 @@ class LogisticSigmoidModelSizeRegularizer(_LogisticSigmoid):
 
 
 class LogisticSigmoidLatencyRegularizer(_LogisticSigmoid):
-    """Probabilistic gates weighted by roofline latency on ``hardware``."""
+    """Probabilistic gates weighted by latency on ``hardware`` (as ``GammaLatencyRegularizer``)."""
 
-    def __init__(self, model, example_inputs, hardware, batch_size: int = 1, regularize_on_mask: bool = True,
+    def __init__(self, model, example_inputs, hardware, batch_size: int | None = None, regularize_on_mask: bool = True,
                  alive_threshold: float = 0.1, mask_as_alive_vector: bool = True, **kw):
         super().__init__(model, example_inputs, regularize_on_mask=regularize_on_mask, alive_threshold=alive_threshold,
                          mask_as_alive_vector=mask_as_alive_vector, resource="latency", hardware=hardware,

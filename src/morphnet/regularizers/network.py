@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from morphnet.channels import analyze_model
-from morphnet.costs import build_cost_program, get_hardware
+from morphnet.costs import build_cost_program, resolve_latency_hardware
 from morphnet.evaluation import CostEvaluator
 from morphnet.regularizers.floor import LayerFloor
 from morphnet.sources import GammaSource, GroupLassoSource, Source, SourceGrouping
@@ -44,25 +44,29 @@ class NetworkRegularizer:
 
     source_name = ""
 
-    def __init__(self, model: nn.Module, example_inputs, *, resource: str, hardware=None, batch_size: int = 1,
+    def __init__(self, model: nn.Module, example_inputs, *, resource: str, hardware=None, batch_size: int | None = None,
                  input_boundary: Sequence | None = None, output_boundary: Sequence | None = None,
                  force_group: Sequence[str] | None = None, regularizer_blacklist: Sequence[str] | None = None,
                  regularizer_decorator: Callable | None = None, decorator_parameters: dict | None = None,
                  prune_outputs: bool = False, prune_normalized: bool = False, min_layer_fraction: float = 0.0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model
         self.resource = resource
-        self.hardware = get_hardware(hardware) if hardware is not None else None
-        if resource == "latency" and self.hardware is None:
-            raise ValueError("latency regularizers need hardware=..., e.g. 'V100' or 'H100'")
-        self.batch_size = batch_size
+        if resource == "latency" and hardware is None:
+            raise ValueError("latency regularizers need hardware=..., e.g. 'V100', 'H100' or 'measured' (timed on "
+                             "this device)")
         self.analysis = analyze_model(
             model, example_inputs, input_boundary=input_boundary, output_boundary=output_boundary,
             force_group=force_group, regularizer_blacklist=regularizer_blacklist, prune_outputs=prune_outputs,
             prune_normalized=prune_normalized)
+        # a roofline entry, or latency measured on the device (a table, or "measured": timed now or cached)
+        self.hardware, self.batch_size = (resolve_latency_hardware(
+            hardware, model=model, example_inputs=example_inputs, batch_size=batch_size, analysis=self.analysis,
+            what=type(self).__name__) if resource == "latency" else (None, batch_size or 1))
         self.graph = self.analysis.graph
         self.source = self._make_source(model)
         self.grouping = SourceGrouping(self.analysis, self.source)
@@ -71,7 +75,7 @@ class NetworkRegularizer:
                 raise ValueError(self._no_source_message())
             warnings.warn(f"{type(self).__name__}: {self._uncovered_message()} Nothing is left to regularize: "
                           f"the term is 0 and every channel stays alive.", stacklevel=2)
-        self.program = build_cost_program(self.analysis, resource, hardware=self.hardware, batch_size=batch_size)
+        self.program = build_cost_program(self.analysis, resource, hardware=self.hardware, batch_size=self.batch_size)
         self.evaluator = CostEvaluator(self.program, self.analysis.group_of, self.analysis.num_groups)
         self.decorator = regularizer_decorator
         self.decorator_parameters = dict(decorator_parameters or {})
@@ -413,17 +417,19 @@ class GroupLassoModelSizeRegularizer(_GroupLasso):
 
 
 class GammaLatencyRegularizer(_Gamma):
-    """L1 on BatchNorm gammas weighted by roofline latency on ``hardware``."""
+    """L1 on BatchNorm gammas weighted by latency on ``hardware``: a roofline entry ('V100', 'H100', ...),
+    ``"measured"`` (timed on the model's device, cached) or a ``morphnet.measure_latency`` table.
+    ``batch_size`` defaults to 1 (a table's own batch size)."""
 
-    def __init__(self, model, example_inputs, gamma_threshold: float, hardware, batch_size: int = 1, **kw):
+    def __init__(self, model, example_inputs, gamma_threshold: float, hardware, batch_size: int | None = None, **kw):
         super().__init__(model, example_inputs, gamma_threshold=gamma_threshold, resource="latency",
                          hardware=hardware, batch_size=batch_size, **kw)
 
 
 class GroupLassoLatencyRegularizer(_GroupLasso):
-    """Group lasso weighted by roofline latency on ``hardware``."""
+    """Group lasso weighted by latency on ``hardware`` (as ``GammaLatencyRegularizer``)."""
 
-    def __init__(self, model, example_inputs, threshold: float, hardware, batch_size: int = 1,
+    def __init__(self, model, example_inputs, threshold: float, hardware, batch_size: int | None = None,
                  l1_fraction: float = 0.0, **kw):
         super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="latency",
                          hardware=hardware, batch_size=batch_size, **kw)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from morphnet.export import atomic_write
+from morphnet.reporting.latency import latency_html
 from morphnet.reporting.plots import plot_accuracy, plot_cost, plot_widths
 from morphnet.reporting.text import attention_stage, attention_rows, format_number, load_snippet, reduction_line
 
@@ -139,6 +140,7 @@ The slim network was rebuilt with these widths and retrained from scratch with t
 <h2>Seed vs slim</h2>
 {_table(header, figures)}
 {f'<p>{html.escape(reduction)}</p>' if reduction else ''}
+{latency_html(summary, _table)}
 <h2>Time per stage</h2>
 {timings}
 {_attention(summary)}

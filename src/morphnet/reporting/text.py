@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from morphnet.reporting.latency import format_latency
+
 
 def format_number(value: float | None) -> str:
     """1234567 -> '1.235M'; None -> '-'."""
@@ -94,6 +96,8 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
             lines.append(f"{name} network: {part['training']}")
     if reduction_line(summary):
         lines.append(reduction_line(summary))
+    if format_latency(summary):
+        lines += format_latency(summary).split("\n")
     if format_attention(summary):
         lines += format_attention(summary).split("\n")
     run_dir = Path(run_dir)

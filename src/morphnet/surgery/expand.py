@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnet.costs import build_cost_program, get_hardware
+from morphnet.costs import build_cost_program, resolve_latency_hardware
 from morphnet.evaluation import CostEvaluator
 from morphnet.regularizers import NetworkRegularizer
 from morphnet.surgery.structure import Structure, _fill, copies_for_counts, keep_nonempty, resolve
@@ -39,12 +39,13 @@ def expand_structure(model: nn.Module, structure, example_inputs, factor: float,
 
 def find_width_multiplier(model: nn.Module, structure, example_inputs, target_cost: float, *,
                           resource: str = "flops", hardware=None, round_to: int | None = None,
-                          tolerance: float | None = 0.01) -> tuple[float, dict[str, int]]:
+                          tolerance: float | None = 0.01, batch_size: int | None = None) -> tuple[float, dict[str, int]]:
     """The factor whose expansion of ``structure`` costs ``target_cost`` (within ``tolerance``, a
     fraction; ``None`` takes the closest cost the integer widths allow), and its counts.
 
     The cost is that of ``apply_structure(model, counts, example_inputs)``: FLOPs per
-    example, weight count ('size'), or roofline latency on ``hardware`` at batch size 1.
+    example, weight count ('size'), or latency on ``hardware`` (a roofline entry at
+    ``batch_size``, default 1; ``"measured"`` or a ``morphnet.measure_latency`` table, at its batch).
     The counts are ``expand_structure(..., factor, round_to=round_to)``, except that atoms
     reaching their next rounding step at exactly this factor step up only as far as the
     target needs (equal layers would otherwise all jump at once).
@@ -56,7 +57,12 @@ def find_width_multiplier(model: nn.Module, structure, example_inputs, target_co
     if not target_cost > 0:
         raise ValueError(f"target_cost must be > 0, got {target_cost}")
     s = _resolve_counts(model, structure, example_inputs)
-    program = build_cost_program(s.analysis, resource, hardware=get_hardware(hardware) if hardware else None)
+    if resource == "latency":
+        hardware, batch_size = resolve_latency_hardware(hardware, model=model, example_inputs=example_inputs,
+                                                        batch_size=batch_size, analysis=s.analysis,
+                                                        what="find_width_multiplier")
+    program = build_cost_program(s.analysis, resource, hardware=hardware if resource == "latency" else None,
+                                 batch_size=batch_size or 1)
     evaluator = CostEvaluator(program, s.analysis.group_of, s.analysis.num_groups)
     ex = _Expander(s, round_to)
 
