@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from morphnet.capture.graph import LeafOp, ValueRef
-from morphnet.channels.analysis import ChannelAnalysis, LayerCall, bind
+from morphnet.channels.walker import ChannelAnalysis, LayerCall, bind
 
 aten = torch.ops.aten
 
