@@ -119,10 +119,14 @@ def _rebuild_options(parser: argparse.ArgumentParser) -> None:
                        help="trained weights of the seed (a state_dict file): learning starts from them and the "
                             "seed's accuracy is measured as given instead of retraining it")
     group.add_argument("--finetune", action="store_true", default=None,
-                       help="keep the learned network's surviving weights and fine-tune the slim model for "
-                            "--retrain-steps instead of retraining it from scratch (gamma regularizer)")
+                       help="compress the trained seed (--seed-weights) with morphnet.compress: land on "
+                            "--target-cost at once on its weights, re-estimate BatchNorm statistics and fine-tune "
+                            "--retrain-steps steps distilling the seed")
     group.add_argument("--finetune-lr", type=float, default=None,
                        help="peak learning rate of fine-tuning (default: --retrain-lr / 5)")
+    group.add_argument("--learn-fraction", type=float, default=None,
+                       help="with --finetune: the share of --retrain-steps spent learning with MorphNet's penalty "
+                            "before landing (default 0: it lost 5-10 points on our development task)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ DEFAULT_TARGET_COST = 0.5
 #: (docs/benchmarks.md: it removed the 1-5 channel bottlenecks and the loss at 1/2 of the FLOPs).
 DEFAULT_MIN_LAYER_FRACTION = 0.25
 #: Settings added after runs were saved without them: what those runs did (for resuming them).
-LEGACY_DEFAULTS = {"min_layer_fraction": 0.0, "proximal": False}
+LEGACY_DEFAULTS = {"min_layer_fraction": 0.0, "proximal": False, "learn_fraction": 0.0}
 #: Fields that do not change what a run computes: a resumed run may set them differently.
 RUNTIME_FIELDS = ("out", "device", "threads", "quiet")
 
@@ -57,6 +57,7 @@ class RunConfig:
     seed_weights: str | None = None
     finetune: bool = False
     finetune_lr: float | None = None
+    learn_fraction: float = 0.0
     image_size: int | None = None
     out: str = "morphnet_run"
     device: str = "auto"
@@ -120,9 +121,16 @@ class RunConfig:
         if self.proximal and self.regularizer == "logistic-sigmoid":
             raise ValueError("--proximal applies the penalty as a soft-threshold step on BatchNorm scales or weight "
                              "groups: use it with --regularizer gamma or group-lasso, not logistic-sigmoid")
-        if self.finetune and self.regularizer != "gamma":
-            raise ValueError("--finetune rebuilds from the BatchNorm scales of the learned network: use it with "
-                             f"--regularizer gamma (got '{self.regularizer}')")
+        if self.finetune and self.regularizer == "logistic-sigmoid":
+            raise ValueError("--finetune lands on the trained network's own BatchNorm scales (gamma) or weight norms "
+                             "(group-lasso); gates would have to be learned first: use --regularizer gamma or "
+                             "group-lasso")
+        if self.finetune and not self.seed_weights:
+            raise ValueError("--finetune compresses a trained network: pass its weights with --seed-weights PATH")
+        if self.finetune and self.target_cost is None:
+            raise ValueError("--finetune lands on a budget: pass --target-cost (a fraction of the seed's cost)")
+        if not 0 <= self.learn_fraction < 1:
+            raise ValueError(f"--learn-fraction must be in [0, 1), got {self.learn_fraction}")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
         for name in ("steps", "retrain_steps", "batch_size", "log_every", "export_every", "round_to", "image_size",

@@ -13,10 +13,11 @@ import morphnet
 from morphnet.pipeline import files
 from morphnet.pipeline import latency  # measured latency: the run's table and the end-of-run check
 from morphnet.pipeline.config import RunConfig
+from morphnet.pipeline.finetune import compress_stage, finetuned, learn_result
 from morphnet.pipeline.rebuild import load_structure
 from morphnet.pipeline.session import Session, folder_mode
-from morphnet.pipeline.stages import (keep_weights_stage, learn_stage, measure, rebuild_stage, retrain_stage,
-                                      seed_stage, slim_stage, uniform_stage)
+from morphnet.pipeline.stages import (learn_stage, measure, rebuild_stage, retrain_stage, seed_stage, slim_stage,
+                                      uniform_stage)
 from morphnet.pipeline.summary import finish, input_summary, learn_summary, slim_summary
 from morphnet.pipeline.tables import attention_table, layer_table, learned_model
 from morphnet.reporting import format_attention, format_number, format_widths, write_report
@@ -31,18 +32,17 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     session = Session(cfg, folder_mode(resume, overwrite))
     try:
         latency.prepare(session)
+        if cfg.finetune:
+            return _compress_pipeline(session)
         seed, result = learn_stage(session)
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)
         history: dict[str, Any] = {"learn": result.history}
         start = time.perf_counter()
-        if cfg.finetune:
-            rebuilt, predicted = keep_weights_stage(session, seed)
-        else:
-            rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
-                                               seed_cost=result.seed_cost, target_cost=result.target_cost)
+        rebuilt, predicted = rebuild_stage(session, seed, result.chosen.counts, learned_cost=result.chosen.cost,
+                                           seed_cost=result.seed_cost, target_cost=result.target_cost)
         slim_stats = measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
-        learned_counts = rebuilt.counts if cfg.finetune else result.chosen.counts
+        learned_counts = result.chosen.counts
         summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model), learned_counts, session.example)
         summary["attention"] = attention_table(
             seed, learned_model(seed, learned_counts, session.example, rebuilt.model, rebuilt.counts), rebuilt.model,
@@ -64,12 +64,47 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         session.close()
 
 
+def _compress_pipeline(session) -> dict[str, Any]:
+    """``--seed-weights PATH --finetune``: ``morphnet.compress`` on the trained seed, then the summary
+    (seed as given, the compressed network, and with ``--uniform-baseline`` the uniform width
+    multiplier of the same cost fine-tuned the same way)."""
+    cfg = session.cfg
+    slim, report = compress_stage(session)
+    result = learn_result(session, report)
+    seed = session.start_seed()
+    summary = learn_summary(cfg, session.ctx, result, measure(session.new_seed(), session.example, cfg.target,
+                                                              cfg.hardware))
+    rebuilt, predicted, accuracy = finetuned(session, slim, report)
+    slim_stats = measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
+    summary["layers"] = layer_table(seed, copy.deepcopy(rebuilt.model), rebuilt.counts, session.example)
+    summary["attention"] = attention_table(seed, rebuilt.model, rebuilt.model, result.seed_widths, rebuilt.counts,
+                                           rebuilt.counts)
+    summary["slim"] = slim_summary(cfg, slim_stats, predicted, rebuilt, result.target_cost)
+    summary["slim"].update(accuracy=accuracy, function_check=report["function_check"],
+                           training=f"landed on the trained seed's weights ({report['steps']['learn']} learning steps), "
+                                    f"BatchNorm statistics re-estimated, fine-tuned {report['steps']['finetune']} steps"
+                                    + (" distilling the seed" if report["distill"] else ""))
+    summary["seconds"]["compress"] = summary["seconds"].pop("learn")
+    summary["seed"]["accuracy"], _, summary["seed"]["training"] = seed_stage(session, {})
+    history: dict[str, Any] = {"learn": result.history}
+    if cfg.uniform_baseline:
+        uniform, uniform_report = compress_stage(session, selection="uniform")
+        stats = measure(copy.deepcopy(uniform), session.example, cfg.target, cfg.hardware)
+        summary["uniform"] = {**stats, "accuracy": finetuned(session, uniform, uniform_report)[2],
+                              "widths": uniform_report["widths"], "training": "the same, one width multiplier"}
+        summary["seconds"]["compress_uniform"] = uniform_report["seconds"]
+    summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
+    return finish(session, summary, history)
+
+
 def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Structure learning alone (``morphnet learn``): structures, checkpoint, summary, plots.
     ``resume`` and ``overwrite`` as in :func:`run_pipeline`."""
     session = Session(cfg, folder_mode(resume, overwrite))
     try:
         latency.prepare(session)
+        if cfg.finetune:
+            return _compress_pipeline(session)
         seed, result = learn_stage(session)
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         summary = learn_summary(cfg, session.ctx, result, seed_stats)

@@ -18,7 +18,7 @@ from morphnet.pipeline.controller import resolve_target
 from morphnet.pipeline.learn import CHECKPOINT as LEARN_CHECKPOINT
 from morphnet.pipeline.learn import LearnResult, learn_structure
 from morphnet.pipeline.rebuild import EXPANDABLE, Rebuilt, rebuild
-from morphnet.pipeline.regularizers import UNITS, make_regularizer
+from morphnet.pipeline.regularizers import UNITS
 from morphnet.pipeline.resume import Interrupted, gather_rng, restore_rng
 from morphnet.pipeline.session import Session
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
@@ -102,19 +102,6 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
         session.log(f"uniform width multiplier {rebuilt.width_multiplier:.4f} to reach "
                     f"{format_number(budget)} {UNITS[cfg.target]}")
     return rebuilt, predicted
-
-
-def keep_weights_stage(session: Session, learned: nn.Module) -> tuple[Rebuilt, float]:
-    """With ``--finetune``: the slim network keeps the learned network's surviving weights and
-    BatchNorm statistics (the channels alive at the end of learning; no width multiplier, which
-    would need new weights). Returns it with its predicted cost."""
-    cfg = session.cfg
-    learned = learned.cpu()
-    reg = make_regularizer(cfg.regularizer, cfg.target, learned, session.example, threshold=cfg.threshold,
-                           hardware=cfg.hardware, min_layer_fraction=cfg.min_layer_fraction)
-    counts = morphnet.StructureExporter(reg).get_alive_counts()
-    model = morphnet.apply_structure(learned, reg, session.example, keep_weights=True)
-    return Rebuilt(model=model, counts=counts, width_multiplier=None), float(reg.get_cost())
 
 
 def retrain_stage(session: Session, model: nn.Module, name: str, history: dict,

@@ -71,7 +71,9 @@ def compress(
     threshold: float = 1e-2,
     min_layer_fraction: float = 0.25,
     bn_batches: int = 100,
+    selection: str = "scales",
     val_fn: Callable[[nn.Module], float] | None = None,
+    on_step: Callable[[str, int], None] | None = None,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = print,
     report: dict | None = None,
@@ -93,9 +95,12 @@ def compress(
     at once on the trained model's own scales, which did better on our development task (see
     docs/benchmarks.md). ``resource``: ``"flops"`` (per example, 2 x multiply-adds, equal to
     ``torch.utils.flop_counter.FlopCounterMode``), ``"size"`` (weights) or ``"latency"`` (with
-    ``hardware``). No layer is cut below ``min_layer_fraction`` of its width. ``val_fn(model) -> score``
-    (optional) is called after each stage and its scores logged. Pass a dict as ``report`` to receive
-    the figures (costs, widths, scores, seconds, the function check, the learning history).
+    ``hardware``). No layer is cut below ``min_layer_fraction`` of its width. ``selection="uniform"``
+    keeps one width multiplier for every layer instead (each layer's largest-L1 channels): the
+    baseline to compare with, fine-tuned the same way. ``val_fn(model) -> score`` (optional) is called
+    after each stage and its scores logged; ``on_step(phase, step)`` after every optimizer step (it may
+    raise to stop). Pass a dict as ``report`` to receive the figures (costs, widths, scores, seconds,
+    the function check, the learning history).
 
     Returns the slim model (same classes, on ``device``, in the training mode ``model`` was in).
     Raises ``ValueError`` before any training when the target is below the lowest cost the structure
@@ -103,6 +108,11 @@ def compress(
     """
     start = time.perf_counter()
     _check_arguments(model, target, steps, learn_fraction, ramp_fraction, resource, regularizer, bn_batches)
+    if selection not in ("scales", "uniform"):
+        raise ValueError(f"morphnet.compress: selection must be 'scales' or 'uniform', got {selection!r}")
+    if selection == "uniform" and learn_fraction:
+        raise ValueError("morphnet.compress: selection='uniform' keeps the trained weights as they are; "
+                         "it has no learning phase (learn_fraction=0)")
     if distill and loss_fn is not None:
         raise ValueError("morphnet.compress: distill=True works with the default (inputs, labels) loss; with your "
                          "own loss_fn, put the distillation in it and pass distill=False")
@@ -148,10 +158,18 @@ def compress(
         initial_strength = _initial_strength(reg, initial_scale, ramp_steps, step_size, seed_cost)
         out["initial_strength"] = initial_strength
         out["history"] = _learn(work, reg, batches, train_loss, make_optimizer, learn_steps, ramp_steps,
-                                initial_scale, initial_strength, seed_cost, target_cost)
+                                initial_scale, initial_strength, seed_cost, target_cost, on_step=on_step)
         _score(val_fn, work, "learned", out, say)
 
-    slim, landed = _land(work, reg, example, target_cost)
+    if selection == "uniform":
+        slim = shrink_uniformly(work, example, target_cost, resource=resource, hardware=hardware)
+        cost = float(morphnet.compute_cost(slim, example, resource=resource, hardware=hardware))
+        widths = {name: seed_widths.get(name, 0) for name in seed_widths}
+        widths.update({r["name"]: r["channels"] for r in morphnet.cost_table(slim, example) if r["name"] in widths})
+        landed = {"cost": cost, "threshold_scale": None, "widths": widths, "rebuild_warnings": [],
+                  "function_check": "kept-weights rebuild of the largest-L1 channels"}
+    else:
+        slim, landed = _land(work, reg, example, target_cost)
     out.update(landed)
     out["seed_widths"] = seed_widths
     say(f"compress: landed at {landed['cost'] / seed_cost:.4f}x ({landed['cost']:.4g} of {seed_cost:.4g} "
@@ -162,7 +180,7 @@ def compress(
 
     if finetune_steps:
         say(f"compress: fine-tuning for {finetune_steps} steps" + (" (distilling the original)" if distill else ""))
-        _finetune(slim, batches, train_loss, make_optimizer, finetune_steps)
+        _finetune(slim, batches, train_loss, make_optimizer, finetune_steps, on_step=on_step)
     _score(val_fn, slim, "finetuned", out, say)
     slim.train(was_training)
     out["seconds"] = time.perf_counter() - start
@@ -276,7 +294,7 @@ def _initial_strength(reg, scale: float, ramp_steps: int, step_size: float | Non
 
 
 def _learn(model, reg, batches, loss_fn, make_optimizer, steps, ramp_steps, initial_scale, initial_strength,
-           seed_cost, target_cost, read_every: int = 10) -> list[dict]:
+           seed_cost, target_cost, read_every: int = 10, on_step=None) -> list[dict]:
     """Structure learning from the trained weights; returns one record per read of the landing scale."""
     controller = LandingController(initial_scale=initial_scale, initial_strength=initial_strength,
                                    ramp_steps=ramp_steps)
@@ -296,6 +314,8 @@ def _learn(model, reg, batches, loss_fn, make_optimizer, steps, ramp_steps, init
                             "task_loss": float(task.detach())})
             controller.update(step, scale, steps=step - last_read)
             last_read = step
+        if on_step is not None:
+            on_step("learn", step)
     return history
 
 
@@ -369,7 +389,7 @@ def finetune(model: nn.Module, data: Iterable | Iterator, steps: int, *, lr: flo
     return model
 
 
-def _finetune(model, batches, loss_fn, make_optimizer, steps: int) -> None:
+def _finetune(model, batches, loss_fn, make_optimizer, steps: int, on_step=None) -> None:
     optimizer = make_optimizer(model.parameters())
     warmup = max(1, steps // 20)
 
@@ -380,12 +400,14 @@ def _finetune(model, batches, loss_fn, make_optimizer, steps: int) -> None:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = loss_fn(model, next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        if on_step is not None:
+            on_step("finetune", step)
 
 
 def _score(val_fn, model: nn.Module, stage: str, out: dict, say) -> None:
