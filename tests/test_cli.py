@@ -1,7 +1,9 @@
 """The ``morphnet`` command: argument errors, and every subcommand end to end on the default."""
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,49 @@ def test_non_numeric_strength_is_an_argument_error(capsys):
         main(["run", "--strength", "strong"])
     assert exit_info.value.code == 2
     assert "invalid float value: 'strong'" in capsys.readouterr().err
+
+
+def test_an_argument_error_is_one_line_naming_the_option_and_the_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--steps", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err
+    assert err.startswith("morphnet run: error: argument --steps: must be a positive integer, got 0")
+    assert "`morphnet run --help`" in err
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"morphnet {morphnet.__version__}\n"
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", ["run", "learn", "rebuild", "cost", "report"])
+def test_every_subcommand_help_has_a_description(command, capsys):
+    description = _subcommands()[command].description
+    assert description and len(description.split()) >= 8
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert " ".join(description.split()[:4]) in " ".join(capsys.readouterr().out.split())
+
+
+def test_rebuild_help_offers_no_learning_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["rebuild", "--help"])
+    text = capsys.readouterr().out
+    for pattern in (r"--steps\b", "--seed-weights", "--finetune", "--strength", "--target-cost", "torchrun",
+                    r"learning(?! rate)"):  # the learning rate of --retrain is no structure learning
+        assert not re.search(pattern, text), pattern
+    with pytest.raises(SystemExit):
+        main(["rebuild", "--steps", "10"])
+    assert "unrecognized arguments: --steps 10" in capsys.readouterr().err
 
 
 def test_unknown_model_exits_2_and_lists_the_choices(capsys, tmp_path):

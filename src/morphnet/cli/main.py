@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
+from morphnet import __version__
 from morphnet.data import DATA_HELP, DataError
 from morphnet.pipeline import files
 from morphnet.pipeline.config import DEFAULT_TARGET_COST, RunConfig
@@ -23,7 +24,16 @@ from morphnet.pipeline.regularizers import UNITS, regularizer_names
 from morphnet.pipeline.resume import Interrupted
 from morphnet.seeds import SeedError, list_seeds
 
-EPILOG = "Docs and examples: README.md. Under torchrun, `learn` and `run` use DistributedDataParallel."
+DOCS = "Docs and examples: README.md."
+EPILOG = DOCS + " Under torchrun, `learn` and `run` use DistributedDataParallel."
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line naming the option and pointing at ``--help``, not the usage
+    block (17 lines for ``morphnet run``) with the error at its end."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _positive_int(text: str) -> int:
@@ -100,14 +110,20 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _rebuild_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("rebuild and retrain")
+    group = parser.add_argument_group("rebuild")
     group.add_argument("--expand-to", type=float, default=None,
-                       help="scale all learned widths by one factor to spend this budget (<= 1: fraction of the "
+                       help="scale all widths of the structure by one factor to spend this budget (<= 1: fraction of the "
                             "seed's cost, > 1: absolute)")
     group.add_argument("--round-to", type=_positive_int, default=None, help="round every width to a multiple of N")
+
+
+def _retrain_options(parser: argparse.ArgumentParser, steps_default: str, *, seed_weights: bool) -> None:
+    group = parser.add_argument_group("retraining")
     group.add_argument("--retrain-steps", type=_positive_int, default=None,
-                       help="steps of retraining from scratch (default: --steps)")
+                       help=f"steps of retraining from scratch (default: {steps_default})")
     group.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of retraining, cosine decay (default 0.05)")
+    if not seed_weights:
+        return
     group.add_argument("--seed-weights", default=None, metavar="PATH",
                        help="trained weights of the seed (a state_dict file): learning starts from them and the "
                             "seed's accuracy is measured as given instead of retraining it")
@@ -120,10 +136,11 @@ def _rebuild_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``morphnet`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="morphnet", epilog=EPILOG,
         description="MorphNet for PyTorch: learn layer widths under a FLOP, size or latency budget.",
     )
+    parser.add_argument("--version", action="version", version=f"morphnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="the whole pipeline: learn, rebuild, retrain, evaluate, report",
@@ -132,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(run)
     _learn_options(run)
     _rebuild_options(run)
+    _retrain_options(run, "--steps", seed_weights=True)
     run.add_argument("--no-baseline", action="store_true", help="do not train the seed for comparison")
     run.add_argument("--uniform-baseline", action="store_true", default=None,
                      help="also train the seed with all widths scaled by one factor to the slim network's cost")
@@ -140,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     _debug_option(run)
 
     learn = commands.add_parser("learn", help="structure learning only: write learned_structure/alive_<step>.json",
-                                epilog=EPILOG)
+                                description="Learn the structure of the seed network: train it with the "
+                                            "cost-weighted penalty and write the alive channels of every layer "
+                                            "to learned_structure/alive_<step>.json, with a summary and a report. "
+                                            "`morphnet rebuild` builds the slim network from them.", epilog=EPILOG)
     _model_options(learn)
     _learn_options(learn)
     _run_options(learn, "run folder (default morphnet_run)")
@@ -148,14 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     _debug_option(learn)
 
     rebuild = commands.add_parser("rebuild", help="build the slim network from a learned structure",
-                                  description="Rebuild the seed with learned widths (the latest structure of "
-                                              "--out unless --structure is given); model and data default to "
-                                              "those of the run in --out.")
+                                  description="Build the slim network: the seed with the widths of a structure "
+                                              "file (by default the one the run in --out chose, named in its "
+                                              "summary.json), freshly initialized, optionally expanded or "
+                                              "rounded, saved into --out. Model and data default to those of "
+                                              "the run in --out.", epilog=DOCS)
     _model_options(rebuild)
-    rebuild.add_argument("--structure", default=None, help="alive-count JSON file (default: latest in --out)")
+    rebuild.add_argument("--structure", default=None,
+                         help="alive-count JSON file (default: the structure the run in --out chose; the latest "
+                              "learned_structure/alive_<step>.json when it has no summary)")
     rebuild.add_argument("--target", choices=sorted(UNITS), default=None, help="resource of --expand-to (default flops)")
     _rebuild_options(rebuild)
     rebuild.add_argument("--retrain", action="store_true", help="also retrain the slim network and evaluate it")
+    _retrain_options(rebuild, "the run's --retrain-steps, else 1500", seed_weights=False)
     rebuild.add_argument("--slim-dir", default=None,
                          help="folder name inside --out for the slim model (default: slim, or the next free slim_N "
                               "when taken, so the run's own slim/ is never replaced)")
@@ -163,13 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(rebuild, "run folder to read the structure from and write the slim model into (default morphnet_run)")
     _debug_option(rebuild)
 
-    cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model")
+    cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model",
+                               description="Print the per-layer cost table of the seed network (or of the slim "
+                                           "network a --structure file gives) on one input of --data: FLOPs, "
+                                           "weights, roofline latency, channels and which regularizer source "
+                                           "covers each layer.", epilog=DOCS)
     _model_options(cost)
     cost.add_argument("--structure", default=None, help="show the slim network built with this alive-count JSON")
     cost.add_argument("--json", action="store_true", help="print the rows as JSON")
     _debug_option(cost)
 
-    report = commands.add_parser("report", help="render a run folder's plots and summary into report.html")
+    report = commands.add_parser("report", help="render a run folder's plots and summary into report.html",
+                                 description="Render the plots and the summary of a run folder (written by "
+                                             "`morphnet run` or `morphnet learn`) into its report.html again.",
+                                 epilog=DOCS)
     report.add_argument("run_dir", help="the --out folder of `morphnet run` or `morphnet learn`")
     _debug_option(report)
     return parser
