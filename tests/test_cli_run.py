@@ -101,6 +101,25 @@ def test_learn_then_rebuild_then_cost_work_as_they_are(tmp_path, capsys):
     assert {"name", "flops", "size", "channels"} <= set(rows[0])
 
 
+def test_rebuild_uses_the_structure_the_run_chose_not_the_latest_file(tmp_path, capsys):
+    """Target-cost learning keeps the structure closest to the target, often not the last one
+    written; ``rebuild`` without --structure must build that one (summary.json names it)."""
+    assert main(["learn", "--steps", "10", "--export-every", "5", "--out", str(tmp_path), "--quiet"]) == 0
+    chosen = json.loads((tmp_path / "summary.json").read_text())["learned"]["structure_file"]
+    later = tmp_path / "learned_structure" / "alive_1000.json"  # e.g. written by the user's own exporter
+    later.write_text(json.dumps({name: 1 for name in json.loads((tmp_path / chosen).read_text())}))
+    assert main(["rebuild", "--out", str(tmp_path), "--slim-dir", "chosen"]) == 0
+    assert f"with the widths of {tmp_path / chosen}" in capsys.readouterr().out
+    rebuilt = json.loads((tmp_path / "chosen" / files.REBUILD_SUMMARY).read_text())
+    assert rebuilt["structure_file"] == str(tmp_path / chosen)
+    assert rebuilt["slim"]["widths"] == json.loads((tmp_path / chosen).read_text())
+    assert main(["rebuild", "--out", str(tmp_path), "--structure", str(later), "--slim-dir", "later", "--quiet"]) == 0
+    assert set(json.loads((tmp_path / "later" / files.REBUILD_SUMMARY).read_text())["slim"]["widths"].values()) == {1}
+    (tmp_path / "summary.json").unlink()  # learning not finished: the latest file is all there is
+    assert main(["rebuild", "--out", str(tmp_path), "--slim-dir", "latest", "--quiet"]) == 0
+    assert json.loads((tmp_path / "latest" / files.REBUILD_SUMMARY).read_text())["structure_file"] == str(later)
+
+
 def test_cost_text_table_shows_the_gamma_coverage_of_every_layer(capsys):
     assert main(["cost", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
