@@ -79,6 +79,15 @@ def test_unknown_model_exits_2_and_lists_the_choices(capsys, tmp_path):
     assert err.startswith("morphnet: error: unknown model 'no_such_net'") and "digits_cnn" in err
 
 
+def test_an_impossible_target_is_refused_before_the_run_folder_is_made(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--target-cost", "2", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("morphnet: error: --target-cost 2 is an absolute cost, 2 FLOPs (values <= 1 are fractions")
+    assert "below the smallest cost this network allows" in err and "--min-layer-fraction=0.25" in err
+    assert not out.exists()
+
+
 def test_missing_data_folder_exits_2(capsys, tmp_path):
     assert main(["run", "--data", str(tmp_path / "absent"), "--out", str(tmp_path), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err

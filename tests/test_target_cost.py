@@ -174,6 +174,24 @@ def test_bad_arguments_are_named():
         morphnet.TargetCost(reg, steps=10).load_state_dict({})
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.0])
+def test_a_target_below_the_smallest_structure_is_refused_naming_the_minimum_and_the_unit(fraction):
+    """``target=2`` is 2 FLOPs (values > 1 are absolute): no structure costs that little, so
+    learning would kill every channel it may and still miss. Refused at once, saying why."""
+    reg = morphnet.GammaFlopsRegularizer(small_net(), EXAMPLE, gamma_threshold=1e-2, min_layer_fraction=fraction)
+    minimum, seed = reg.minimum_cost(), reg.get_cost().item()
+    with pytest.raises(ValueError) as error:
+        morphnet.TargetCost(reg, target=2, steps=10)
+    message = str(error.value)
+    assert message.startswith("TargetCost: target 2 is an absolute cost, 2 FLOPs (values <= 1 are fractions")
+    assert f"smallest cost this network allows, {minimum:,.0f} FLOPs" in message
+    assert ("min_layer_fraction=0.25" if fraction else "one channel") in message
+    with pytest.raises(ValueError, match="smallest cost"):  # a fraction just below the minimum's share
+        morphnet.TargetCost(reg, target=0.99 * minimum / seed, steps=10)
+    assert morphnet.TargetCost(reg, target=minimum, steps=10).target == minimum  # exactly reachable
+    assert morphnet.TargetCost(reg, target=1.01 * minimum / seed, steps=10).target > minimum
+
+
 def _ranks_agree_worker(rank, world, init_file, results):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

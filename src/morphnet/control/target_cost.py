@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from morphnet.control.strength import Candidate, StrengthController, resolve_target
+from morphnet.control.strength import Candidate, StrengthController, resolve_target, unreachable_target
 from morphnet.export import StructureExporter
 
 _STATE_VERSION = 1
@@ -83,6 +83,12 @@ class TargetCost:
         if seed_cost <= 0:
             raise ValueError(f"TargetCost: the seed's {getattr(regularizer, 'cost_name', 'cost')} is 0; "
                              "no layer has a cost to reduce")
+        minimum = getattr(regularizer, "minimum_cost", None)
+        if minimum is not None and float(target) > 0:
+            why = unreachable_target(float(target), seed_cost, minimum(), getattr(regularizer, "cost_name", "cost"),
+                                     floor=getattr(regularizer, "min_layer_fraction", 0.0))
+            if why is not None:
+                raise ValueError(f"TargetCost: target {why}")
         self.controller = StrengthController(
             target=resolve_target(float(target), seed_cost), seed_cost=seed_cost,
             initial_strength=float(initial_strength) if initial_strength is not None else 1.0 / seed_cost,

@@ -13,11 +13,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from morphnet.control.strength import unreachable_target
 from morphnet.data import DataBundle, load_data
 from morphnet.pipeline import distributed, files
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.progress import progress_bar
+from morphnet.pipeline.regularizers import UNITS, make_regularizer
 from morphnet.pipeline.resume import Checkpointer, RunState
 from morphnet.seeds import create_seed
 from morphnet.seeds.registry import takes_image_size
@@ -81,10 +83,24 @@ def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[
     return data, kwargs
 
 
+def check_target(cfg: RunConfig, seed: nn.Module, example: torch.Tensor) -> None:
+    """Refuse a ``--target-cost`` below the smallest cost the seed's structure allows (every layer
+    at its ``--min-layer-fraction`` floor, or one channel), naming that minimum and the unit:
+    learning toward it would run to the end, kill every channel it may, and miss anyway."""
+    if cfg.target_cost is None:
+        return
+    reg = make_regularizer(cfg.regularizer, cfg.target, seed, example, threshold=cfg.threshold,
+                           hardware=cfg.hardware, min_layer_fraction=cfg.min_layer_fraction)
+    why = unreachable_target(cfg.target_cost, float(reg.get_cost()), reg.minimum_cost(), UNITS[cfg.target],
+                             floor=cfg.min_layer_fraction, floor_name="--min-layer-fraction")
+    if why is not None:
+        raise ValueError(f"--target-cost {why}")
+
+
 class Session:
     """What every stage needs: the config, the process group, the data, a seed factory, the run
-    folder's state and the checkpointer. Nothing is written before the config, the data and the
-    model have been checked and the folder's mode (see ``MODES``) allows it."""
+    folder's state and the checkpointer. Nothing is written before the config, the data, the
+    model and the target have been checked and the folder's mode (see ``MODES``) allows it."""
 
     def __init__(self, cfg: RunConfig, mode: str = "new"):
         if mode not in MODES:
@@ -104,6 +120,8 @@ class Session:
             if mode == "resume":
                 self._check_resumable()
             self.example = self.data.example_inputs(1)
+            if mode in ("new", "overwrite"):
+                check_target(cfg, self.new_seed(), self.example)
             self._prepare_folder()
         except BaseException:
             self.close()

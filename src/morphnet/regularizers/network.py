@@ -146,6 +146,24 @@ class NetworkRegularizer:
         self.min_layer_fraction = float(fraction)
         self.floor = LayerFloor(self._export, self.grouping.regularized, fraction) if fraction > 0 else None
 
+    def minimum_cost(self) -> float:
+        """The smallest cost a learned structure can have: every regularized channel group dead
+        except what each conv / linear layer keeps, its floor (``min_layer_fraction``) or, without
+        one, one channel (the rebuild keeps one in every convolution; a layer with none cuts the
+        network). Unregularized groups count as alive, as in ``get_cost``. A target below it
+        cannot be reached (``TargetCost`` refuses one)."""
+        with torch.no_grad():
+            values = self.source.values()
+            _, reg_g = self.grouping.group_vectors(values, self.source.alive(values), True)
+            regularized = torch.as_tensor(self.grouping.regularized, device=reg_g.device)
+            alive_g = torch.where(regularized, 0.0, 1.0).to(reg_g.dtype)
+            if self._export:
+                # a floor with a vanishing fraction keeps ceil(eps x width) = 1 channel per layer
+                keep = LayerFloor(self._export, self.grouping.regularized, max(self.min_layer_fraction, 1e-9))
+                alive_g, _ = keep(alive_g, reg_g)
+            cost, _ = self.evaluator.evaluate(alive_g, None, None)
+        return float(cost)
+
     # ---- internals ------------------------------------------------------------------------------
     def _group_vectors(self, values: torch.Tensor, with_reg: bool):
         alive = self.source.alive(values)
