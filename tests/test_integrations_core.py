@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,17 @@ def test_group_lasso_has_one_default_threshold_in_the_api_the_cli_and_the_callba
     assert make_regularizer("group-lasso", "flops", model, x, threshold=0.2).relative_threshold
     with pytest.raises(ValueError, match="relative_threshold=False needs an absolute threshold"):
         morphnet.GroupLassoFlopsRegularizer(model, x, relative_threshold=False)
+
+
+def test_a_target_missed_by_the_end_of_training_is_warned_once():
+    """The callbacks' controller warns at the last step when the kept structure is the seed's."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    run = MorphNetRun(target_cost=0.5)
+    run.build(model, torch.randn(1, 3, 8, 8), steps=5, log_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 6):  # no training: every channel stays alive
+            run.after_step(step)
+        run.chosen(5)
+    missed = [w for w in caught if issubclass(w.category, morphnet.TargetMissedWarning)]
+    assert len(missed) == 1 and "the structure kept is the seed's" in str(missed[0].message)

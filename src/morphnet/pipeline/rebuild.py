@@ -34,19 +34,16 @@ def load_structure(path: str | Path) -> dict[str, int]:
 def rebuild(
     seed: nn.Module, counts: dict[str, int], example_inputs: Any, *,
     resource: str = "flops", budget: float | None = None, hardware: str | None = None, round_to: int | None = None,
-    tolerance: float | None = 0.01,
 ) -> Rebuilt:
     """A freshly initialized slim copy of ``seed`` with ``counts`` widths. With ``budget`` (an
     absolute cost in ``resource`` units), every width is first scaled by the one multiplier that
-    spends it (MorphNet's uniform expansion) within ``tolerance`` (None: the closest the integer widths
-    allow); ``round_to`` rounds widths to a multiple."""
+    spends it within 1% (MorphNet's uniform expansion); ``round_to`` rounds widths to a multiple."""
     multiplier = None
     if budget is not None:
         if resource not in EXPANDABLE:
             raise ValueError(f"expansion to a budget supports {', '.join(EXPANDABLE)}, not '{resource}'")
         multiplier, counts = morphnet.find_width_multiplier(
             seed, counts, example_inputs, budget, resource=resource, hardware=hardware, round_to=round_to,
-            tolerance=tolerance,
         )
     elif round_to:
         counts = morphnet.expand_structure(seed, counts, example_inputs, 1.0, round_to=round_to)
