@@ -88,6 +88,25 @@ def test_an_impossible_target_is_refused_before_the_run_folder_is_made(capsys, t
     assert not out.exists()
 
 
+def test_cost_and_rebuild_check_a_structure_file_against_the_model(capsys, tmp_path):
+    """999 channels for a 32-channel layer was accepted; 0 channels printed a raw Python warning."""
+    wide, empty = tmp_path / "wide.json", tmp_path / "empty.json"
+    wide.write_text(json.dumps({"features.0.0": 999}))
+    empty.write_text(json.dumps({"features.0.0": 0}))
+    for argv in (["cost", "--structure", str(wide)], ["rebuild", "--structure", str(wide), "--out", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"morphnet: error: structure file {wide}: 'features.0.0' has 999 channels, but the "
+                              "layer has 32 in the seed"), err
+    assert not (tmp_path / "slim").exists()
+    assert main(["cost", "--structure", str(empty), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("morphnet: warning: apply_structure: every channel of 'features.0.0' is pruned, but a Conv2d "
+                   "cannot have zero width in PyTorch; keeping 1 channel(s), so it costs a little more than the "
+                   "structure predicts\n")
+    assert next(row for row in json.loads(out) if row["name"] == "features.0.0")["channels"] == 1
+
+
 def test_missing_data_folder_exits_2(capsys, tmp_path):
     assert main(["run", "--data", str(tmp_path / "absent"), "--out", str(tmp_path), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``morphnet run | learn | rebuild | cost | report``: a thin argparse layer over ``morphnet.pipeline``.
 
 Every subcommand runs on the embedded default (digits CNN on scikit-learn's digits) when given no
-model or data. Bad arguments end with ``morphnet: error: ...`` on stderr and exit code 2.
+model or data. Bad arguments end with ``morphnet: error: ...`` on stderr and exit code 2; Python
+warnings are shown as ``morphnet: warning: ...`` lines.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 import sysconfig
 import traceback
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
@@ -239,12 +241,21 @@ def _location(error: BaseException) -> str:
 EXPECTED = (SeedError, DataError, FileNotFoundError, ValueError)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, ``morphnet: warning: ...``, not Python's file, line and source
+    (``--debug`` shows those)."""
+    print(f"morphnet: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``morphnet`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            if not getattr(args, "debug", False):
+                warnings.showwarning = _show_warning
+            return _dispatch(args)
     except BrokenPipeError:  # `morphnet cost | head`: the reader left, nothing to report
         sys.stderr.close()
         return 141

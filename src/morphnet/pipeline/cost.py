@@ -10,7 +10,7 @@ import torch
 
 import morphnet
 from morphnet.pipeline.config import RunConfig
-from morphnet.pipeline.rebuild import load_structure
+from morphnet.pipeline.rebuild import check_structure
 from morphnet.pipeline.session import prepare_model_and_data
 from morphnet.seeds import create_seed
 
@@ -23,7 +23,7 @@ def cost_report(cfg: RunConfig, structure: str | Path | None = None) -> tuple[li
     model = create_seed(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[0], **kwargs)
     example = data.example_inputs(1)
     if structure is not None:
-        model = morphnet.apply_structure(model, load_structure(structure), example)
+        model = morphnet.apply_structure(model, check_structure(model, structure, example), example)
     hardware = cfg.hardware or "V100"
     rows = morphnet.cost_table(model, example, hardware=hardware)
     header = (f"{cfg.model}{' with ' + str(structure) if structure else ''}: one "

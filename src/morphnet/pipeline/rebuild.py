@@ -10,6 +10,7 @@ from torch import nn
 
 import morphnet
 from morphnet.export import load_alive_counts
+from morphnet.surgery.structure import resolve
 
 # Resources that ``morphnet.find_width_multiplier`` can aim at.
 EXPANDABLE = ("flops", "size", "latency")
@@ -29,6 +30,22 @@ def load_structure(path: str | Path) -> dict[str, int]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"structure file '{path}' does not exist; run `morphnet learn --out DIR` first")
     return load_alive_counts(path)
+
+
+def check_structure(seed: nn.Module, path: str | Path, example_inputs: Any) -> dict[str, int]:
+    """The counts of structure file ``path``, checked against ``seed``: every name a conv / linear
+    layer of it, every count between what the layer cannot lose and its width in the seed (999
+    channels for a 32-channel layer is a typo or another model's file; ``--expand-to`` is the way
+    to widen a structure). Errors name the file and the layer."""
+    counts = load_structure(path)
+    s = resolve(seed, Path(path), example_inputs)  # unknown names, negative counts: errors naming the file
+    for name in s.names:
+        width = s.table.layers[name].width
+        if counts[name] > width:
+            raise ValueError(f"structure file {path}: '{name}' has {counts[name]} channels, but the layer has {width} "
+                             f"in the seed; a learned structure is never wider than its seed (was it learned on "
+                             f"another model? --expand-to scales a structure up)")
+    return counts
 
 
 def rebuild(

@@ -12,7 +12,7 @@ from typing import Any
 import morphnet
 from morphnet.pipeline import files
 from morphnet.pipeline.config import RunConfig
-from morphnet.pipeline.rebuild import load_structure
+from morphnet.pipeline.rebuild import check_structure, load_structure
 from morphnet.pipeline.session import Session, folder_mode
 from morphnet.pipeline.stages import (keep_weights_stage, learn_stage, measure, rebuild_stage, retrain_stage,
                                       seed_stage, slim_stage, uniform_stage)
@@ -117,6 +117,7 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
     try:
         session.log(f"rebuilding {cfg.model} with the widths of {structure}")
         seed = session.new_seed()
+        counts = check_structure(seed, structure, session.example)
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         rebuilt, predicted = rebuild_stage(session, seed, counts, learned_cost=None,
                                            seed_cost=seed_stats["cost"], target_cost=None)
