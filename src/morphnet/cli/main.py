@@ -277,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not expected or error.__cause__ is not None:
             where = _location(error)
             message += f" (at {where}; --debug shows the full traceback)" if where else ""
+        message = "; ".join([message, *getattr(error, "__notes__", [])])  # how to continue a run it stopped
         print(f"morphnet: error: {message}", file=sys.stderr)
         return 2 if expected else 1
 

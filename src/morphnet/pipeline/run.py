@@ -57,6 +57,9 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
                 session, result.seed_widths, slim_stats["cost"], history)
         return finish(session, summary, history)
+    except Exception as error:
+        session.note_resume(error, "run")
+        raise
     finally:
         session.close()
 
@@ -73,6 +76,9 @@ def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False)
         summary["attention"] = attention_table(seed, learned_model(seed, result.chosen.counts, session.example), None,
                                                result.seed_widths, result.chosen.counts, None)
         return finish(session, summary, {"learn": result.history})
+    except Exception as error:
+        session.note_resume(error, "learn")
+        raise
     finally:
         session.close()
 

@@ -45,7 +45,8 @@ def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[
     arguments of ``create_seed``. A model with a fixed input size (timm ViT: ``img_size``) gets
     the data resized to that size, or is built for ``--image-size`` when given (timm only); a
     built-in seed with an ``image_size`` parameter (``vit_tiny``) is built for the data's size.
-    Anything else that does not fit ends in one ``ValueError`` that names the option to change."""
+    A first batch of the training data is decoded. Anything else that does not fit ends in one
+    ``ValueError`` that names the option to change."""
     data = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
     kwargs: dict[str, Any] = {}
     if takes_image_size(cfg.model):  # e.g. vit_tiny: built for the data's size (its position embedding)
@@ -68,6 +69,8 @@ def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[
             model = build()
         else:
             raise ValueError(f"model '{cfg.model}' takes {fixed}x{fixed} images only; pass --image-size {fixed}")
+    data.example_inputs(min(cfg.batch_size, len(data.train)))  # a first batch and a test example decode:
+    data.test[0]  # a broken file among them fails now, before the run folder is made
     example = data.example_inputs(1)
     was_training = model.training
     try:
@@ -192,6 +195,14 @@ class Session:
         """A progress bar on rank 0 (see ``progress.progress_bar``); nothing when quiet."""
         with progress_bar(total, desc, enabled=not self.cfg.quiet and self.ctx.is_main) as bar:
             yield bar
+
+    def note_resume(self, error: BaseException, command: str) -> None:
+        """Say in ``error`` (raised after the run folder was prepared: a broken image found
+        mid-run, say) how to go on: the folder holds a run, so the same command again is refused."""
+        if self.mode != "reuse":
+            note = (f"the run in '{self.out}' stopped there; once that is fixed, `morphnet {command} --resume --out "
+                    f"{self.out}` continues it (finished stages are kept), --overwrite starts it again")
+            error.__notes__ = [*getattr(error, "__notes__", []), note]
 
     def tensorboard(self):
         """The run's TensorBoard writer (rank 0 only; None elsewhere)."""
