@@ -71,15 +71,15 @@ def fit_to_budget(model: nn.Module, structure, example_inputs, target: float, *,
     returned as it is, with multiplier None: learned widths are not rescaled for a residual.
     Otherwise every width is scaled by the factor that lands within ``tolerance``; when the
     integer widths allow none (whole attention heads, ``round_to``), by the one that comes
-    closest, with a warning naming the cost reached. ``structure``: counts, a structure file or
-    a network regularizer (for example ``TargetCost.best_structure()``).
+    closest, with a warning saying how far it lands. ``structure``: alive counts (for example
+    ``TargetCost.best_structure()``), a structure file or a network regularizer.
     """
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"fit_to_budget: tolerance must be a positive fraction, got {tolerance!r}")
-    costing = _Costing(model, structure, example_inputs, resource, hardware, round_to)
     if not target > 0:
         raise ValueError(f"fit_to_budget: target must be positive (<= 1: a fraction of the model's cost, > 1: "
                          f"an absolute cost), got {target}")
+    costing = _Costing(model, structure, example_inputs, resource, hardware, round_to)
     budget = target * costing.full_cost() if target <= 1 else float(target)
     if round_to:
         units = costing.ex.units(1.0)
