@@ -86,6 +86,12 @@ def test_an_impossible_target_is_refused_before_the_run_folder_is_made(capsys, t
     assert err.startswith("morphnet: error: --target-cost 2 is an absolute cost, 2 FLOPs (values <= 1 are fractions")
     assert "below the smallest cost this network allows" in err and "--min-layer-fraction=0.25" in err
     assert not out.exists()
+    # group lasso on a BatchNorm network regularizes nothing (the shifts): no target below the seed is reachable
+    assert main(["learn", "--regularizer", "group-lasso", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("morphnet: warning: GroupLassoFlopsRegularizer: ") and "Nothing is left to regularize" in err
+    assert "morphnet: error: --target-cost 0.5 cannot be reached: the regularizer can prune no channel" in err
+    assert not out.exists()
 
 
 def test_cost_and_rebuild_check_a_structure_file_against_the_model(capsys, tmp_path):

@@ -143,7 +143,7 @@ def test_target_cost_half_lands_within_5_percent_of_half_the_seed_flops(tmp_path
 
 
 @pytest.mark.parametrize("target", [["--target", "size"], ["--target", "latency", "--hardware", "V100"],
-                                    ["--target", "activations"], ["--regularizer", "group-lasso"]])
+                                    ["--target", "activations"], ["--regularizer", "group-lasso", "--strength", "1e-6"]])
 def test_learn_with_every_target_and_regularizer(tmp_path, target):
     assert main(["learn", "--steps", "20", "--out", str(tmp_path), "--quiet", *target]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -135,6 +135,9 @@ def unreachable_target(value: float, seed_cost: float, minimum: float, unit: str
     if absolute >= minimum:
         return None
     share = minimum / seed_cost
+    if share >= 1:
+        return (f"{value:g} cannot be reached: the regularizer can prune no channel of this network (nothing it "
+                f"covers is regularized), so every structure costs the seed's {_amount(seed_cost)} {unit}")
     given = (f"{value:g} is an absolute cost, {_amount(absolute)} {unit} (values <= 1 are fractions of the seed's "
              f"{_amount(seed_cost)} {unit}, values > 1 absolute costs)" if value > 1 else
              f"{value:g} of the seed's {_amount(seed_cost)} {unit} is {_amount(absolute)} {unit}")
