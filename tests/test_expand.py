@@ -1,5 +1,7 @@
 """Uniform expansion, rounding and the width multiplier that meets a cost target."""
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -147,3 +149,30 @@ def test_equal_layers_that_round_up_together_step_up_one_at_a_time():
     factor, counts = morphnet.find_width_multiplier(model, dict.fromkeys(names, 8), x, target, round_to=8)
     assert counts == mixed and 1 < factor <= 2
     assert morphnet.expand_structure(model, dict.fromkeys(names, 8), x, factor, round_to=8) == dict.fromkeys(names, 16)
+
+
+def test_fit_to_budget_leaves_a_structure_within_tolerance_and_scales_one_outside_it(resnet, resnet_structure):
+    """The pipeline's landing: learned widths within 1% are not rescaled for a residual; others
+    get the one factor that lands within 1%. ``target`` <= 1 is a fraction of the model's cost."""
+    seed = counted_flops(resnet, X32)
+    learned = counted_flops(morphnet.apply_structure(resnet, resnet_structure, X32), X32)
+    assert morphnet.fit_to_budget(resnet, resnet_structure, X32, 1.005 * learned) == (None, resnet_structure)
+    factor, counts = morphnet.fit_to_budget(resnet, resnet_structure, X32, 0.25)
+    assert factor < 1 and counts == morphnet.find_width_multiplier(resnet, resnet_structure, X32, 0.25 * seed)[1]
+    assert abs(counted_flops(morphnet.apply_structure(resnet, counts, X32), X32) / (0.25 * seed) - 1) <= 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lands within 1%: no warning
+        factor, counts = morphnet.fit_to_budget(resnet, resnet_structure, X32, 0.5, round_to=8)
+    assert all(v % 8 == 0 for v in counts.values())
+    assert abs(counted_flops(morphnet.apply_structure(resnet, counts, X32), X32) / (0.5 * seed) - 1) <= 0.01
+
+
+def test_fit_to_budget_takes_the_closest_factor_with_a_warning_when_the_steps_are_coarse():
+    model, x = ConcatNet(), torch.randn(1, 3, 17, 19)
+    with pytest.warns(UserWarning, match=r"fit_to_budget: no width multiplier .* took the closest, x[0-9.]+ \(\+|-"):
+        factor, counts = morphnet.fit_to_budget(model, {"conv1": 7}, x, 1.2e6, round_to=8)
+    assert counts == morphnet.find_width_multiplier(model, {"conv1": 7}, x, 1.2e6, round_to=8, tolerance=None)[1]
+    with pytest.raises(ValueError, match="out of reach"):
+        morphnet.fit_to_budget(model, {}, x, 1e12)
+    with pytest.raises(ValueError, match="target must be positive"):
+        morphnet.fit_to_budget(model, {}, x, 0)

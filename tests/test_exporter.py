@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -86,3 +87,27 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_temporary(t
     with pytest.raises(OSError, match="No space left"):
         atomic_write(path, half_then_disk_full)
     assert path.read_text() == '{"step": 1}\n' and os.listdir(tmp_path) == ["state.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_are_created_with_the_users_umask(tmp_path, umask):
+    """Structure files, slim models and run checkpoints get 0666 less the umask, as ``open`` would
+    give them (``tempfile.mkstemp`` made every file 0600, unreadable by the user's group)."""
+    from morphnet.pipeline import files
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            morphnet.StructureExporter(_reg()).create_file_and_save_alive_counts(tmp_path, 1),
+            files.save_checkpoint(tmp_path / "checkpoints" / "learn.pt", {"step": 1}),
+            files.write_text(tmp_path / "report.html", "<html></html>"),
+        ]
+        slim = morphnet.save_slim(tmp_path / "slim", nn.Linear(2, 2), {"x": 2})
+        written += [slim / "structure.json", slim / "state_dict.pt"]
+        # rewriting an existing file keeps the umask's mode too
+        written.append(morphnet.StructureExporter(_reg()).create_file_and_save_alive_counts(tmp_path, 1))
+    finally:
+        os.umask(previous)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,49 @@ def test_between_reads_the_callbacks_work_reads_no_tensor_value_on_the_host(monk
         per_step.append(len(host_reads))
         assert (metrics is not None) == (step % 5 == 0)
     assert [n for i, n in enumerate(per_step, 1) if i % 5] == [0] * 8
+
+
+def test_group_lasso_has_one_default_threshold_in_the_api_the_cli_and_the_callbacks():
+    """Relative 0.1: alive above a tenth of each layer's initial channel-norm scale. A layer
+    initialized with std 0.01 (mobilenet_v3_small's classifier) is all alive at the start under
+    it; the absolute 1e-2 the callbacks used counted about half of it dead before training."""
+    from morphnet.pipeline import make_regularizer
+    from morphnet.regularizers.network import GROUP_LASSO_THRESHOLD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    nn.init.normal_(model[2].weight, std=0.01)
+    nn.init.zeros_(model[2].bias)
+    x = torch.randn(1, 16)
+    api = morphnet.GroupLassoFlopsRegularizer(model, x)
+    run = MorphNetRun(regularizer="group-lasso")
+    run.build(model, x, steps=10, log_every=5)
+    cli = make_regularizer("group-lasso", "flops", model, x)
+    assert GROUP_LASSO_THRESHOLD == 0.1 and api.relative_threshold and api.threshold == 0.1
+    for reg in (run.reg, cli):
+        assert (reg.relative_threshold, reg.threshold) == (True, 0.1)
+        assert torch.equal(reg.source.limits, api.source.limits)
+    assert morphnet.StructureExporter(api).get_alive_counts() == {"0": 64, "2": 64}
+    norms = api.source.values().detach()
+    assert (norms[64:128] < 1e-2).sum() > 16  # what an absolute 1e-2 would have killed at the start
+    # a number given is an absolute norm in the API and the callbacks (the contract), relative in the CLI
+    absolute = MorphNetRun(regularizer="group-lasso", threshold=1e-2)
+    absolute.build(model, x, steps=10, log_every=5)
+    assert absolute.reg.relative_threshold is False and absolute.reg.source.limits == 1e-2
+    assert make_regularizer("group-lasso", "flops", model, x, threshold=0.2).relative_threshold
+    with pytest.raises(ValueError, match="relative_threshold=False needs an absolute threshold"):
+        morphnet.GroupLassoFlopsRegularizer(model, x, relative_threshold=False)
+
+
+def test_a_target_missed_by_the_end_of_training_is_warned_once():
+    """The callbacks' controller warns at the last step when the kept structure is the seed's."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    run = MorphNetRun(target_cost=0.5)
+    run.build(model, torch.randn(1, 3, 8, 8), steps=5, log_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 6):  # no training: every channel stays alive
+            run.after_step(step)
+        run.chosen(5)
+    missed = [w for w in caught if issubclass(w.category, morphnet.TargetMissedWarning)]
+    assert len(missed) == 1 and "the structure kept is the seed's" in str(missed[0].message)

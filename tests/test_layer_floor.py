@@ -109,3 +109,15 @@ def test_runs_default_to_the_floor_and_runs_saved_before_it_resume_without():
     assert RunConfig.from_saved(RunConfig(min_layer_fraction=0.5).to_dict()).min_layer_fraction == 0.5
     with pytest.raises(ValueError, match="--min-layer-fraction"):
         RunConfig(min_layer_fraction=1.5)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.0])
+def test_minimum_cost_is_the_cost_of_the_smallest_structure_the_rebuild_builds(fraction):
+    """Every layer at its floor, or at one channel without one: the cost of that slim model."""
+    model, x = resnet14()
+    reg = morphnet.GammaFlopsRegularizer(model, x[:1], gamma_threshold=0.01, min_layer_fraction=fraction)
+    widths = morphnet.StructureExporter(reg).get_alive_counts()
+    smallest = {name: max(1, math.ceil(fraction * w)) for name, w in widths.items()}
+    slim = morphnet.apply_structure(model, smallest, x[:1])
+    assert reg.minimum_cost() == pytest.approx(morphnet.compute_cost(slim, x[:1]), rel=1e-9)
+    assert 0 < reg.minimum_cost() < reg.get_cost().item()

@@ -110,14 +110,36 @@ def _image_folder(root, corrupt: bool):
         (root / "train" / "b" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
 
 
-def test_a_corrupt_image_is_an_error_naming_the_file(tmp_path, capsys):
+def test_a_corrupt_image_is_an_error_naming_the_file_before_the_run_folder_is_made(tmp_path, capsys):
     _image_folder(tmp_path / "images", corrupt=True)
-    assert main(["learn", "--data", str(tmp_path / "images"), "--steps", "2", "--batch-size", "9",
+    assert main(["learn", "--data", str(tmp_path / "images"), "--steps", "2", "--batch-size", "2",
                  "--image-size", "8", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "zz_broken.png" in err and "delete or replace" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # every header is opened before anything is written
     with pytest.raises(DataError, match="zz_broken.png"):
-        load_data(str(tmp_path / "images"), image_size=8).train[8]
+        load_data(str(tmp_path / "images"), image_size=8)
+
+
+def test_an_image_broken_past_its_header_stops_the_run_naming_it_and_resume_continues(tmp_path, capsys):
+    """A truncated file opens (its header is fine) and fails only when a batch decodes it: the
+    error names it and says how to go on; once it is replaced, --resume finishes the run."""
+    from PIL import Image
+
+    _image_folder(tmp_path / "images", corrupt=False)
+    broken = tmp_path / "images" / "train" / "b" / "zz_truncated.png"
+    Image.new("RGB", (12, 12), (0, 0, 250)).save(broken)
+    broken.write_bytes(broken.read_bytes()[:45])  # the header and the start of the pixel data
+    out = tmp_path / "run"
+    argv = ["learn", "--data", str(tmp_path / "images"), "--steps", "10", "--batch-size", "4", "--image-size", "8",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot read image '{broken}'" in err
+    assert f"`morphnet learn --resume --out {out}` continues it" in err and (out / "config.json").is_file()
+    Image.new("RGB", (12, 12), (0, 0, 250)).save(broken)
+    assert main(["learn", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert (out / "summary.json").is_file()
 
 
 def test_an_error_in_the_users_forward_or_factory_names_its_line_and_debug_shows_the_traceback(tmp_path, capsys):

@@ -4,6 +4,7 @@ structure rule, checkpoints, agreement between torch.distributed ranks)."""
 import io
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_a_read_advances_the_law_once_per_step_since_the_previous_read():
 
 
 def test_the_last_step_is_always_read():
-    reg = ScriptedRegularizer([100.0, 70.0, 60.0, 55.0])
+    reg = ScriptedRegularizer([100.0, 70.0, 60.0, 51.0])
     tc = morphnet.TargetCost(reg, target=0.5, steps=25, log_every=10)
     read_at = [step for step in range(1, 26) if tc.due(step) and tc.update(step) is not None]
     assert read_at == [10, 20, 25]
@@ -172,6 +173,71 @@ def test_bad_arguments_are_named():
         morphnet.TargetCost(reg, steps=10).best_structure()
     with pytest.raises(ValueError, match="version"):
         morphnet.TargetCost(reg, steps=10).load_state_dict({})
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.0])
+def test_a_target_below_the_smallest_structure_is_refused_naming_the_minimum_and_the_unit(fraction):
+    """``target=2`` is 2 FLOPs (values > 1 are absolute): no structure costs that little, so
+    learning would kill every channel it may and still miss. Refused at once, saying why."""
+    reg = morphnet.GammaFlopsRegularizer(small_net(), EXAMPLE, gamma_threshold=1e-2, min_layer_fraction=fraction)
+    minimum, seed = reg.minimum_cost(), reg.get_cost().item()
+    with pytest.raises(ValueError) as error:
+        morphnet.TargetCost(reg, target=2, steps=10)
+    message = str(error.value)
+    assert message.startswith("TargetCost: target 2 is an absolute cost, 2 FLOPs (values <= 1 are fractions")
+    assert f"smallest cost this network allows, {minimum:,.0f} FLOPs" in message
+    assert ("min_layer_fraction=0.25" if fraction else "one channel") in message
+    with pytest.raises(ValueError, match="smallest cost"):  # a fraction just below the minimum's share
+        morphnet.TargetCost(reg, target=0.99 * minimum / seed, steps=10)
+    assert morphnet.TargetCost(reg, target=minimum, steps=10).target == minimum  # exactly reachable
+    assert morphnet.TargetCost(reg, target=1.01 * minimum / seed, steps=10).target > minimum
+
+
+def _run_script(costs, steps, stop=None):
+    """A TargetCost driven by a scripted cost (target 0.5 of a seed costing 100), read every step."""
+    tc = morphnet.TargetCost(ScriptedRegularizer([100.0] + list(costs)), target=0.5, steps=steps, log_every=1)
+    for step in range(1, (stop or steps) + 1):
+        tc.update(step)
+    return tc
+
+
+def test_a_miss_is_warned_once_at_the_last_step_and_a_landing_is_not():
+    """The README's loop with 50 or 400 steps gave the seed back or 0.572x for a 0.5 target, silently."""
+    with pytest.warns(morphnet.TargetMissedWarning, match=r"the structure kept is the seed's .* after 20 steps"):
+        tc = _run_script([100.0] * 20, steps=20)
+    with pytest.warns(morphnet.TargetMissedWarning, match=r"ended 14% above the target after 20 steps.*0\.572x"):
+        missed = _run_script(np.linspace(95.0, 57.2, 20), steps=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", morphnet.TargetMissedWarning)
+        assert tc.best_structure() and missed.best().cost == pytest.approx(57.2)  # once: no second warning
+        landed = _run_script(np.linspace(95.0, 50.4, 20), steps=20)  # within 5%
+        assert landed.best_structure() == {"layer": 21}
+
+
+def test_a_loop_that_stops_before_the_last_step_is_warned_at_best_structure():
+    tc = _run_script(np.linspace(95.0, 70.0, 40), steps=40, stop=15)
+    with pytest.warns(morphnet.TargetMissedWarning, match="after step 15 of 40 .learning has not reached its last step"):
+        tc.best_structure()
+
+
+def test_trim_lands_the_kept_structure_on_the_target_with_the_width_multiplier():
+    """A short run ends above its target; trim=True gives what ``morphnet run`` rebuilds: the kept
+    structure scaled by the one factor within 1% (``morphnet.fit_to_budget``)."""
+    model, use = small_net(), usefulness()
+    reg = morphnet.GammaFlopsRegularizer(model, EXAMPLE, gamma_threshold=1e-2)
+    tc = morphnet.TargetCost(reg, target=0.3, steps=150)
+    with pytest.warns(morphnet.TargetMissedWarning, match="above the target"):
+        for step in range(1, 151):
+            plant_step(model, reg, tc.strength, use)
+            tc.update(step)
+    kept = tc.best_structure()
+    trimmed = tc.best_structure(trim=True, example_inputs=EXAMPLE)
+    cost = morphnet.compute_cost(morphnet.apply_structure(model, trimmed, EXAMPLE), EXAMPLE)
+    assert tc.seed_cost > tc.best().cost > 1.05 * tc.target and abs(cost / tc.target - 1) <= 0.01
+    assert all(trimmed[name] < kept[name] for name in kept)
+    assert trimmed == morphnet.fit_to_budget(model, kept, EXAMPLE, tc.target)[1]
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        tc.best_structure(trim=True)
 
 
 def _ranks_agree_worker(rank, world, init_file, results):

@@ -5,7 +5,7 @@ cost-weighted sparsity penalty to the training loss, export the alive channels a
 rebuild the slimmer network and retrain it.
 """
 
-from morphnet.control import TargetCost
+from morphnet.control import TargetCost, TargetMissedWarning
 from morphnet.costs.hardware import Hardware, register_hardware
 from morphnet.costs.measured import LatencyTable, measure_latency
 from morphnet.errors import UnsupportedGraphError
@@ -21,7 +21,9 @@ from morphnet.regularizers import (
 from morphnet.regularizers.logistic_sigmoid import (
     LogisticSigmoidFlopsRegularizer, LogisticSigmoidLatencyRegularizer, LogisticSigmoidModelSizeRegularizer,
 )
-from morphnet.surgery import apply_structure, expand_structure, find_width_multiplier, load_slim, save_slim
+from morphnet.surgery import (
+    apply_structure, expand_structure, find_width_multiplier, fit_to_budget, load_slim, save_slim,
+)
 
 __version__ = "0.1.0"
 
@@ -35,8 +37,8 @@ __all__ = [
     "GammaActivationRegularizer", "GroupLassoActivationRegularizer",
     "LogisticSigmoidFlopsRegularizer", "LogisticSigmoidModelSizeRegularizer", "LogisticSigmoidLatencyRegularizer",
     "LogisticSigmoidGate", "add_gates", "remove_gates", "fold_gates",
-    "StructureExporter", "TargetCost", "write_summaries", "register_hardware", "Hardware", "compute_cost", "cost_table",
-    "measure_latency", "LatencyTable",
-    "apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim",
+    "StructureExporter", "TargetCost", "TargetMissedWarning", "write_summaries", "register_hardware", "Hardware",
+    "compute_cost", "cost_table", "measure_latency", "LatencyTable",
+    "apply_structure", "expand_structure", "find_width_multiplier", "fit_to_budget", "save_slim", "load_slim",
     "compress", "recalibrate_batchnorm",
 ]

@@ -1,7 +1,8 @@
 """``morphnet run | learn | rebuild | cost | report``: a thin argparse layer over ``morphnet.pipeline``.
 
 Every subcommand runs on the embedded default (digits CNN on scikit-learn's digits) when given no
-model or data. Bad arguments end with ``morphnet: error: ...`` on stderr and exit code 2.
+model or data. Bad arguments end with ``morphnet: error: ...`` on stderr and exit code 2; Python
+warnings are shown as ``morphnet: warning: ...`` lines.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import os
 import sys
 import sysconfig
 import traceback
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
+from morphnet import __version__
 from morphnet.data import DATA_HELP, DataError
 from morphnet.pipeline import files
 from morphnet.pipeline.config import DEFAULT_TARGET_COST, RunConfig
@@ -23,7 +26,16 @@ from morphnet.pipeline.regularizers import UNITS, regularizer_names
 from morphnet.pipeline.resume import Interrupted
 from morphnet.seeds import SeedError, list_seeds
 
-EPILOG = "Docs and examples: README.md. Under torchrun, `learn` and `run` use DistributedDataParallel."
+DOCS = "Docs and examples: README.md."
+EPILOG = DOCS + " Under torchrun, `learn` and `run` use DistributedDataParallel."
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line naming the option and pointing at ``--help``, not the usage
+    block (17 lines for ``morphnet run``) with the error at its end."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _positive_int(text: str) -> int:
@@ -105,16 +117,22 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _rebuild_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("rebuild and retrain")
+    group = parser.add_argument_group("rebuild")
     group.add_argument("--expand-to", type=float, default=None,
-                       help="scale all learned widths by one factor to spend this budget (<= 1: fraction of the "
+                       help="scale all widths of the structure by one factor to spend this budget (<= 1: fraction of the "
                             "seed's cost, > 1: absolute)")
     group.add_argument("--round-to", type=_positive_int, default=None,
                        help="round every width to a multiple of N (default 8 on a CUDA target: a GPU --hardware, "
                             "or 'measured' on a CUDA device; 1 keeps any width)")
+
+
+def _retrain_options(parser: argparse.ArgumentParser, steps_default: str, *, seed_weights: bool) -> None:
+    group = parser.add_argument_group("retraining")
     group.add_argument("--retrain-steps", type=_positive_int, default=None,
-                       help="steps of retraining from scratch (default: --steps)")
+                       help=f"steps of retraining from scratch (default: {steps_default})")
     group.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of retraining, cosine decay (default 0.05)")
+    if not seed_weights:
+        return
     group.add_argument("--seed-weights", default=None, metavar="PATH",
                        help="trained weights of the seed (a state_dict file): learning starts from them and the "
                             "seed's accuracy is measured as given instead of retraining it")
@@ -131,10 +149,11 @@ def _rebuild_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``morphnet`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="morphnet", epilog=EPILOG,
         description="MorphNet for PyTorch: learn layer widths under a FLOP, size or latency budget.",
     )
+    parser.add_argument("--version", action="version", version=f"morphnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="the whole pipeline: learn, rebuild, retrain, evaluate, report",
@@ -143,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(run)
     _learn_options(run)
     _rebuild_options(run)
+    _retrain_options(run, "--steps", seed_weights=True)
     run.add_argument("--no-baseline", action="store_true", help="do not train the seed for comparison")
     run.add_argument("--uniform-baseline", action="store_true", default=None,
                      help="also train the seed with all widths scaled by one factor to the slim network's cost")
@@ -153,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     _debug_option(run)
 
     learn = commands.add_parser("learn", help="structure learning only: write learned_structure/alive_<step>.json",
-                                epilog=EPILOG)
+                                description="Learn the structure of the seed network: train it with the "
+                                            "cost-weighted penalty and write the alive channels of every layer "
+                                            "to learned_structure/alive_<step>.json, with a summary and a report. "
+                                            "`morphnet rebuild` builds the slim network from them.", epilog=EPILOG)
     _model_options(learn)
     _learn_options(learn)
     _run_options(learn, "run folder (default morphnet_run)")
@@ -161,14 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     _debug_option(learn)
 
     rebuild = commands.add_parser("rebuild", help="build the slim network from a learned structure",
-                                  description="Rebuild the seed with learned widths (the latest structure of "
-                                              "--out unless --structure is given); model and data default to "
-                                              "those of the run in --out.")
+                                  description="Build the slim network: the seed with the widths of a structure "
+                                              "file (by default the one the run in --out chose, named in its "
+                                              "summary.json), freshly initialized, optionally expanded or "
+                                              "rounded, saved into --out. Model and data default to those of "
+                                              "the run in --out.", epilog=DOCS)
     _model_options(rebuild)
-    rebuild.add_argument("--structure", default=None, help="alive-count JSON file (default: latest in --out)")
+    rebuild.add_argument("--structure", default=None,
+                         help="alive-count JSON file (default: the structure the run in --out chose; the latest "
+                              "learned_structure/alive_<step>.json when it has no summary)")
     rebuild.add_argument("--target", choices=sorted(UNITS), default=None, help="resource of --expand-to (default flops)")
     _rebuild_options(rebuild)
     rebuild.add_argument("--retrain", action="store_true", help="also retrain the slim network and evaluate it")
+    _retrain_options(rebuild, "the run's --retrain-steps, else 1500", seed_weights=False)
     rebuild.add_argument("--slim-dir", default=None,
                          help="folder name inside --out for the slim model (default: slim, or the next free slim_N "
                               "when taken, so the run's own slim/ is never replaced)")
@@ -176,14 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(rebuild, "run folder to read the structure from and write the slim model into (default morphnet_run)")
     _debug_option(rebuild)
 
-    cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model")
+    cost = commands.add_parser("cost", help="per-layer FLOPs, size, latency and channels of a model",
+                               description="Print the per-layer cost table of the seed network (or of the slim "
+                                           "network a --structure file gives) on one input of --data: FLOPs, "
+                                           "weights, roofline latency, channels and which regularizer source "
+                                           "covers each layer.", epilog=DOCS)
     _model_options(cost)
     cost.add_argument("--structure", default=None, help="show the slim network built with this alive-count JSON")
     cost.add_argument("--device", default=None, help="where --hardware measured times the model (default auto)")
     cost.add_argument("--json", action="store_true", help="print the rows as JSON")
     _debug_option(cost)
 
-    report = commands.add_parser("report", help="render a run folder's plots and summary into report.html")
+    report = commands.add_parser("report", help="render a run folder's plots and summary into report.html",
+                                 description="Render the plots and the summary of a run folder (written by "
+                                             "`morphnet run` or `morphnet learn`) into its report.html again.",
+                                 epilog=DOCS)
     report.add_argument("run_dir", help="the --out folder of `morphnet run` or `morphnet learn`")
     _debug_option(report)
     return parser
@@ -222,12 +257,21 @@ def _location(error: BaseException) -> str:
 EXPECTED = (SeedError, DataError, FileNotFoundError, ValueError)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, ``morphnet: warning: ...``, not Python's file, line and source
+    (``--debug`` shows those)."""
+    print(f"morphnet: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``morphnet`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            if not getattr(args, "debug", False):
+                warnings.showwarning = _show_warning
+            return _dispatch(args)
     except BrokenPipeError:  # `morphnet cost | head`: the reader left, nothing to report
         sys.stderr.close()
         return 141
@@ -249,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not expected or error.__cause__ is not None:
             where = _location(error)
             message += f" (at {where}; --debug shows the full traceback)" if where else ""
+        message = "; ".join([message, *getattr(error, "__notes__", [])])  # how to continue a run it stopped
         print(f"morphnet: error: {message}", file=sys.stderr)
         return 2 if expected else 1
 

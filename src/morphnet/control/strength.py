@@ -119,3 +119,30 @@ def resolve_target(value: float, seed_cost: float) -> float:
     if value <= 0:
         raise ValueError(f"target cost must be positive, got {value}")
     return value * seed_cost if value <= 1 else value
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
+def unreachable_target(value: float, seed_cost: float, minimum: float, unit: str, *,
+                       floor: float = 0.0, floor_name: str = "min_layer_fraction") -> str | None:
+    """Why target ``value`` (as given: <= 1 a fraction of ``seed_cost``, > 1 absolute) cannot be
+    reached when no structure costs less than ``minimum`` (``NetworkRegularizer.minimum_cost``),
+    or None when it can. Learning toward such a target kills every channel it may and still
+    misses, so it is refused before anything runs (``--target-cost 2`` meant 2 FLOPs)."""
+    absolute = resolve_target(value, seed_cost)
+    if absolute >= minimum:
+        return None
+    share = minimum / seed_cost
+    if share >= 1:
+        return (f"{value:g} cannot be reached: the regularizer can prune no channel of this network (nothing it "
+                f"covers is regularized), so every structure costs the seed's {_amount(seed_cost)} {unit}")
+    given = (f"{value:g} is an absolute cost, {_amount(absolute)} {unit} (values <= 1 are fractions of the seed's "
+             f"{_amount(seed_cost)} {unit}, values > 1 absolute costs)" if value > 1 else
+             f"{value:g} of the seed's {_amount(seed_cost)} {unit} is {_amount(absolute)} {unit}")
+    keeps = (f"every layer keeps {floor_name}={floor:g} of its channels" if floor > 0
+             else "every layer keeps one channel")
+    return (f"{given}, below the smallest cost this network allows, {_amount(minimum)} {unit} = {share:.3g} of the "
+            f"seed's ({keeps}); ask for at least {math.ceil(share * 1000) / 1000:g} (a fraction) or "
+            f"{_amount(math.ceil(minimum))} (an absolute cost)")

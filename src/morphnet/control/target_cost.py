@@ -16,14 +16,21 @@ safe under DistributedDataParallel:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 
-from morphnet.control.strength import Candidate, StrengthController, resolve_target
+from morphnet.control.strength import Candidate, StrengthController, resolve_target, unreachable_target
 from morphnet.export import StructureExporter
+from morphnet.surgery import fit_to_budget
 
 _STATE_VERSION = 1
+
+
+class TargetMissedWarning(UserWarning):
+    """Structure learning under :class:`TargetCost` ended outside the tolerance of its target, or
+    kept the seed's structure (no channel died)."""
 
 
 class TargetCost:
@@ -46,6 +53,12 @@ class TargetCost:
     The structure kept is the latest one read within ``tolerance / 5`` of the target, else the
     latest within ``tolerance``, else the closest (the pipeline's rule). Under torch.distributed,
     build it and call ``update`` on every rank (both hold collectives on read steps).
+
+    When learning misses, a :class:`TargetMissedWarning` says so, at most once per object: at the
+    read of the last step (``update(steps)``), or at ``best_structure()`` / ``best()`` when the loop
+    stopped before it, whenever the kept structure is outside ``tolerance`` of the target or is the
+    seed's (too few steps, or a strength far off). ``best_structure(trim=True, example_inputs=x)``
+    then lands it with the uniform width multiplier, as ``morphnet run`` does.
     """
 
     def __init__(
@@ -83,6 +96,12 @@ class TargetCost:
         if seed_cost <= 0:
             raise ValueError(f"TargetCost: the seed's {getattr(regularizer, 'cost_name', 'cost')} is 0; "
                              "no layer has a cost to reduce")
+        minimum = getattr(regularizer, "minimum_cost", None)
+        if minimum is not None and float(target) > 0:
+            why = unreachable_target(float(target), seed_cost, minimum(), getattr(regularizer, "cost_name", "cost"),
+                                     floor=getattr(regularizer, "min_layer_fraction", 0.0))
+            if why is not None:
+                raise ValueError(f"TargetCost: target {why}")
         self.controller = StrengthController(
             target=resolve_target(float(target), seed_cost), seed_cost=seed_cost,
             initial_strength=float(initial_strength) if initial_strength is not None else 1.0 / seed_cost,
@@ -92,6 +111,7 @@ class TargetCost:
         self.last_read_step = 0
         self._last_step = 0  # the step the law has been advanced to
         self._kept: dict[str, Candidate | None] = {"tight": None, "within": None, "closest": None}
+        self._warned = False  # TargetMissedWarning is given at most once
 
     # ---- what a loop reads ------------------------------------------------------------------
     @property
@@ -135,19 +155,71 @@ class TargetCost:
         self._last_step = max(self._last_step, step)
         self.cost, self.last_read_step = cost, step
         self._keep(step, cost)
+        if step >= self.steps:
+            self._warn_if_missed(stacklevel=3)
         return self.strength
 
     # ---- the structure kept ---------------------------------------------------------------------
     def best(self) -> Candidate:
         """The kept structure with its step and cost (see the class docs for the rule)."""
+        kept = self._best()
+        if self.last_read_step < self.steps:
+            self._warn_if_missed(stacklevel=4)  # the caller of best_structure()
+        return kept
+
+    def _best(self) -> Candidate:
         for key in ("tight", "within", "closest"):
             if self._kept[key] is not None:
                 return self._kept[key]
         raise ValueError("TargetCost: no cost was read yet; call update(step) after each optimizer step")
 
-    def best_structure(self) -> dict[str, int]:
-        """``{module name: alive output channels}`` of the kept structure (for ``apply_structure``)."""
-        return dict(self.best().counts)
+    def best_structure(self, trim: bool = False, *, example_inputs=None, model=None,
+                       round_to: int | None = None) -> dict[str, int]:
+        """``{module name: alive output channels}`` of the kept structure (for ``apply_structure``).
+
+        ``trim=True`` lands it on the target as ``morphnet run`` does, with
+        :func:`morphnet.fit_to_budget`: unchanged when its cost is within 1% of the target, else
+        every width scaled by the one factor that lands within 1% (or, when whole heads or
+        ``round_to`` make the steps too coarse, the closest, with a warning). It needs the
+        ``example_inputs`` the regularizer was built with; ``model`` defaults to the regularizer's.
+        The multiplier reaches FLOPs, size and latency (batch size 1) targets."""
+        counts = dict(self.best().counts)
+        if not trim:
+            return counts
+        model = model if model is not None else getattr(self.regularizer, "model", None)
+        if example_inputs is None or model is None:
+            raise ValueError("TargetCost.best_structure(trim=True) needs example_inputs=... (what the regularizer "
+                             "was built with)" + ("" if model is not None else " and model=..."))
+        resource = getattr(self.regularizer, "resource", "flops")
+        if resource == "latency" and getattr(self.regularizer, "batch_size", 1) != 1:
+            raise ValueError("TargetCost.best_structure(trim=True): the width multiplier lands latency at batch "
+                             f"size 1, but the regularizer counts batch size {self.regularizer.batch_size}")
+        return fit_to_budget(model, counts, example_inputs, self.target, resource=resource,
+                             hardware=getattr(self.regularizer, "hardware", None), round_to=round_to)[1]
+
+    def _warn_if_missed(self, stacklevel: int) -> None:
+        """Warn (once, on rank 0) when the kept structure is outside the tolerance or the seed's."""
+        if self._warned or self.last_read_step == 0:
+            return
+        kept = self._best()
+        error = kept.cost / self.target - 1
+        unpruned = kept.cost >= self.seed_cost
+        if abs(error) <= self.tolerance and not unpruned:
+            return
+        self._warned = True
+        if self._distributed() and torch.distributed.get_rank() != self._src():
+            return
+        what = ("the structure kept is the seed's (no channel died)" if unpruned else
+                f"learning ended {abs(error):.0%} {'above' if error > 0 else 'below'} the target")
+        when = (f"after {self.steps} steps" if self.last_read_step >= self.steps else
+                f"after step {self.last_read_step} of {self.steps} (learning has not reached its last step)")
+        advice = ("more steps (the target is reached over the first half of them) or a higher initial_strength"
+                  if error > 0 else "a lower initial_strength or more steps")
+        warnings.warn(
+            f"TargetCost: {what} {when}: the kept structure (step {kept.step}) costs {kept.cost / self.seed_cost:.3f}x "
+            f"the seed's for a target of {self.target / self.seed_cost:.3f}x (tolerance {self.tolerance:.0%}); try "
+            f"{advice}, or land it with best_structure(trim=True, example_inputs=...), the width multiplier "
+            "morphnet run uses", TargetMissedWarning, stacklevel=stacklevel)
 
     def _keep(self, step: int, cost: float) -> None:
         """Incremental form of :func:`morphnet.control.strength.select_candidate`: only candidates

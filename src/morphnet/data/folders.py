@@ -31,6 +31,25 @@ def read_image(path: str):
                              "delete or replace the file") from None
 
 
+def check_headers(root: Path, *folders) -> None:
+    """Open the header of every image of ``folders`` (ImageFolders; no pixels are decoded, so it
+    is quick), so that a file that is no image fails before a run starts, named, instead of
+    mid-run. Pixel data broken further in (a truncated file) still fails when first read."""
+    from PIL import Image
+
+    bad = []
+    for folder in folders:
+        for path, _ in folder.samples:
+            try:
+                with Image.open(path):
+                    pass
+            except Exception as error:  # PIL raises several types for broken files
+                bad.append(f"'{path}' ({type(error).__name__})")
+    if bad:
+        raise ImageReadError(f"{len(bad)} file(s) under '{root}' cannot be read as images: {', '.join(bad[:5])}"
+                             f"{', ...' if len(bad) > 5 else ''}; delete or replace them")
+
+
 def _bundle(name: str, train: Dataset, test: Dataset, num_classes: int) -> DataBundle:
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"data '{name}' has an empty train or test split; add images to both")
@@ -44,6 +63,7 @@ def load_image_folder(
     """A folder of class subfolders (``root/<class>/*.png``), or ``root/train`` + ``root/val``
     (or ``root/test``) each holding class subfolders. Without a split, ``test_fraction`` of the
     images, chosen by ``split_seed``, are held out. Images are resized to ``image_size`` squared.
+    Every file's header is opened here (``check_headers``).
     """
     from torchvision.datasets import ImageFolder
 
@@ -59,10 +79,12 @@ def load_image_folder(
         if (root / "train").is_dir() and test_dir is not None:
             train = ImageFolder(root / "train", transform=transform, loader=read_image)
             test = ImageFolder(test_dir, transform=transform, loader=read_image)
+            check_headers(root, train, test)
             return _bundle(str(root), train, test, len(train.classes))
         full = ImageFolder(root, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise DataError(f"cannot read images under '{root}': {error}") from error
+    check_headers(root, full)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed)).tolist()
     cut = max(1, int(round(len(full) * test_fraction)))
     return _bundle(str(root), Subset(full, order[cut:]), Subset(full, order[:cut]), len(full.classes))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -38,10 +38,20 @@ class StructureExporter:
 
 
 def atomic_write(path: str | os.PathLike, write, *, binary: bool = False) -> Path:
-    """Write a file through a temporary file in its folder, then rename: never half-written."""
+    """Write a file through a temporary file in its folder, then rename: never half-written.
+
+    The temporary file is created with mode 0666 less the user's umask, as ``open`` would create
+    the file itself (``tempfile.mkstemp`` makes every file 0600, which other users and group
+    members could then not read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    while True:
+        tmp = path.parent / f"{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

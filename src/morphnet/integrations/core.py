@@ -104,6 +104,9 @@ class MorphNetRun:
     ``regularizer``: ``"auto"`` (Gamma when the model has BatchNorms, else group lasso), ``"gamma"``,
     ``"group-lasso"``, a network regularizer already built, or a function ``(model, example_input)
     -> regularizer``. ``resource``: flops, size, latency (with ``hardware``) or activations.
+    ``threshold``: the alive threshold as the regularizer class takes it: a BatchNorm scale (Gamma,
+    default 1e-2) or an absolute weight norm (group lasso; default the API's relative one, 0.1 x
+    each layer's initial channel-norm scale).
     ``log_layers``: also log ``morphnet/alive/<layer>`` for every prunable layer.
     """
 
@@ -211,11 +214,13 @@ class MorphNetRun:
         if spec == "auto":
             spec = "gamma" if has_batchnorm(model) else "group-lasso"
         suffix = RESOURCES[self.resource]
-        threshold = 1e-2 if self.threshold is None else self.threshold
         kwargs: dict[str, Any] = {"hardware": self.hardware} if self.resource == "latency" else {}
         if spec == "gamma":
+            threshold = 1e-2 if self.threshold is None else self.threshold
             return getattr(morphnet, f"Gamma{suffix}Regularizer")(model, example, gamma_threshold=threshold, **kwargs)
-        return getattr(morphnet, f"GroupLasso{suffix}Regularizer")(model, example, threshold=threshold, **kwargs)
+        # group lasso: the API's default when none is given (relative: 0.1 x each layer's initial
+        # channel-norm scale), else the absolute norm given, as in the API
+        return getattr(morphnet, f"GroupLasso{suffix}Regularizer")(model, example, threshold=self.threshold, **kwargs)
 
     # ---- training -------------------------------------------------------------------------------
     @property

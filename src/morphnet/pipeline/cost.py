@@ -11,7 +11,7 @@ import torch
 import morphnet
 from morphnet.pipeline import latency
 from morphnet.pipeline.config import RunConfig
-from morphnet.pipeline.rebuild import load_structure
+from morphnet.pipeline.rebuild import check_structure
 from morphnet.pipeline.session import prepare_model_and_data
 from morphnet.seeds import create_seed
 
@@ -24,7 +24,7 @@ def cost_report(cfg: RunConfig, structure: str | Path | None = None) -> tuple[li
     model = create_seed(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[0], **kwargs)
     example = data.example_inputs(1)
     if structure is not None:
-        model = morphnet.apply_structure(model, load_structure(structure), example)
+        model = morphnet.apply_structure(model, check_structure(model, structure, example), example)
     hardware, latency_note = latency.cost_hardware(cfg, model, example)
     rows = morphnet.cost_table(model, example, hardware=hardware)
     header = (f"{cfg.model}{' with ' + str(structure) if structure else ''}: one "

@@ -13,7 +13,7 @@ import torch
 from morphnet.export import atomic_write, write_json
 
 __all__ = [
-    "RunExists", "atomic_write", "clear_run", "latest_structure", "new_slim_dir", "read_json", "refuse_existing_run", "run_entries",
+    "RunExists", "atomic_write", "chosen_structure", "clear_run", "latest_structure", "new_slim_dir", "read_json", "refuse_existing_run", "run_entries",
     "save_checkpoint", "load_checkpoint", "structure_path", "write_json", "write_text",
 ]
 
@@ -65,6 +65,16 @@ def latest_structure(run_dir: Path) -> Path | None:
     files = list((Path(run_dir) / STRUCTURES).glob("alive_*.json"))
     numbered = [(int(f.stem.split("_")[1]), f) for f in files if f.stem.split("_")[1].isdigit()]
     return max(numbered)[1] if numbered else None
+
+
+def chosen_structure(run_dir: Path) -> Path | None:
+    """The structure file the run in ``run_dir`` chose (``learned.structure_file`` of its
+    summary.json), or None when the folder holds no finished learning."""
+    summary = Path(run_dir) / SUMMARY
+    if not summary.is_file():
+        return None
+    name = read_json(summary).get("learned", {}).get("structure_file")
+    return Path(run_dir) / name if name else None
 
 
 def _slim_dirs(run_dir: Path) -> list[Path]:

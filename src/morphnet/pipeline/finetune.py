@@ -41,7 +41,7 @@ def compress_stage(session: Session, selection: str = "scales") -> tuple[nn.Modu
     done = session.state.done(name)
     if done is not None:
         session.log(f"{name} finished earlier; loading its network")
-        return morphnet.load_slim(session.out / folder, session.start_seed()), done
+        return morphnet.load_slim(session.new_seed, session.out / folder, session.example), done
     if ctx.world_size > 1:
         raise ValueError("--finetune compresses the trained seed in one process; run it without torchrun")
     seed = session.start_seed().to(ctx.device)

@@ -10,6 +10,7 @@ from torch import nn
 
 import morphnet
 from morphnet.export import load_alive_counts
+from morphnet.surgery.structure import resolve
 
 # Resources that ``morphnet.find_width_multiplier`` can aim at.
 EXPANDABLE = ("flops", "size", "latency")
@@ -31,6 +32,22 @@ def load_structure(path: str | Path) -> dict[str, int]:
     return load_alive_counts(path)
 
 
+def check_structure(seed: nn.Module, path: str | Path, example_inputs: Any) -> dict[str, int]:
+    """The counts of structure file ``path``, checked against ``seed``: every name a conv / linear
+    layer of it, every count between what the layer cannot lose and its width in the seed (999
+    channels for a 32-channel layer is a typo or another model's file; ``--expand-to`` is the way
+    to widen a structure). Errors name the file and the layer."""
+    counts = load_structure(path)
+    s = resolve(seed, Path(path), example_inputs)  # unknown names, negative counts: errors naming the file
+    for name in s.names:
+        width = s.table.layers[name].width
+        if counts[name] > width:
+            raise ValueError(f"structure file {path}: '{name}' has {counts[name]} channels, but the layer has {width} "
+                             f"in the seed; a learned structure is never wider than its seed (was it learned on "
+                             f"another model? --expand-to scales a structure up)")
+    return counts
+
+
 def rebuild(
     seed: nn.Module, counts: dict[str, int], example_inputs: Any, *,
     resource: str = "flops", budget: float | None = None, hardware: str | None = None, round_to: int | None = None,
@@ -38,8 +55,8 @@ def rebuild(
 ) -> Rebuilt:
     """A freshly initialized slim copy of ``seed`` with ``counts`` widths. With ``budget`` (an
     absolute cost in ``resource`` units), every width is first scaled by the one multiplier that
-    spends it (MorphNet's uniform expansion) within ``tolerance`` (None: the closest the integer widths
-    allow); ``round_to`` rounds widths to a multiple."""
+    spends it within ``tolerance`` (MorphNet's uniform expansion; None: the closest the integer
+    widths allow); ``round_to`` rounds widths to a multiple."""
     multiplier = None
     if budget is not None:
         if resource not in EXPANDABLE:

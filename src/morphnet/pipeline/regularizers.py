@@ -57,8 +57,9 @@ def make_regularizer(
     return reg
 
 
-def _core(class_name: str, threshold_arg: str, default_threshold: float, **options: Any) -> RegularizerFactory:
-    """A factory for one of morphnet's own regularizer classes (``options`` go to its constructor)."""
+def _core(class_name: str, threshold_arg: str, default_threshold: float | None, **options: Any) -> RegularizerFactory:
+    """A factory for one of morphnet's own regularizer classes (``options`` go to its constructor;
+    ``default_threshold=None``: the class's own default)."""
 
     def build(model: nn.Module, example_inputs: Any, threshold: float | None, hardware: str | None):
         kwargs = {threshold_arg: default_threshold if threshold is None else threshold, **options}
@@ -71,8 +72,9 @@ def _core(class_name: str, threshold_arg: str, default_threshold: float, **optio
 
 for _target, _suffix in [("flops", "Flops"), ("size", "ModelSize"), ("latency", "Latency"), ("activations", "Activation")]:
     register_regularizer("gamma", _target, _core(f"Gamma{_suffix}Regularizer", "gamma_threshold", 1e-2))
-    # group lasso: alive above 0.1 x each layer's initial channel-norm scale, whatever its initialization
-    register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", 0.1,
+    # group lasso: the API's default (None), alive above 0.1 x each layer's initial channel-norm scale;
+    # --threshold T is relative too (T x that scale), whatever the layer's initialization
+    register_regularizer("group-lasso", _target, _core(f"GroupLasso{_suffix}Regularizer", "threshold", None,
                                                        relative_threshold=True))
 
 

@@ -14,7 +14,7 @@ from morphnet.pipeline import files
 from morphnet.pipeline import latency  # measured latency: the run's table and the end-of-run check
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.finetune import compress_stage, finetuned, learn_result
-from morphnet.pipeline.rebuild import load_structure
+from morphnet.pipeline.rebuild import check_structure, load_structure
 from morphnet.pipeline.session import Session, folder_mode
 from morphnet.pipeline.stages import (learn_stage, measure, rebuild_stage, retrain_stage, seed_stage, slim_stage,
                                       uniform_stage)
@@ -60,6 +60,9 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                 session, result.seed_widths, slim_stats["cost"], history)
         summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
         return finish(session, summary, history)
+    except Exception as error:
+        session.note_resume(error, "run")
+        raise
     finally:
         session.close()
 
@@ -112,15 +115,35 @@ def learn_only(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False)
         summary["attention"] = attention_table(seed, learned_model(seed, result.chosen.counts, session.example), None,
                                                result.seed_widths, result.chosen.counts, None)
         return finish(session, summary, {"learn": result.history})
+    except Exception as error:
+        session.note_resume(error, "learn")
+        raise
     finally:
         session.close()
 
 
+def default_structure(out: Path) -> Path:
+    """The structure ``morphnet rebuild`` uses without ``--structure``: the one the run in ``out``
+    chose (its summary.json names it: in target-cost mode often not the last one written), else,
+    for learning that has not finished, the latest ``learned_structure/alive_<step>.json``."""
+    chosen = files.chosen_structure(out)
+    if chosen is not None:
+        if not chosen.is_file():
+            raise FileNotFoundError(f"the run in '{out}' chose the structure {chosen}, which no longer exists; "
+                                    "pass --structure FILE")
+        return chosen
+    latest = files.latest_structure(out)
+    if latest is None:
+        raise FileNotFoundError(f"no learned_structure/alive_*.json in '{out}'; run `morphnet learn --out {out}` "
+                                "first or pass --structure FILE")
+    return latest
+
+
 def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain: bool = False,
                  slim_dir: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """``morphnet rebuild``: build the slim network from a structure file (default: the latest in
-    ``cfg.out``), optionally expanded to ``cfg.expand_to``; save it, and with ``retrain`` train it
-    from scratch and evaluate it.
+    """``morphnet rebuild``: build the slim network from a structure file (default: the one the run
+    in ``cfg.out`` chose, see :func:`default_structure`), optionally expanded to ``cfg.expand_to``;
+    save it, and with ``retrain`` train it from scratch and evaluate it.
 
     The slim model goes to ``cfg.out/<slim_dir>`` (default: ``slim`` or, when taken, the next free
     ``slim_N``), with ``rebuild.json`` describing it; an existing folder is replaced only with
@@ -128,12 +151,7 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
     """
     out = Path(cfg.out)
     if structure is None:
-        structure = files.latest_structure(out)
-        if structure is None:
-            raise FileNotFoundError(
-                f"no learned_structure/alive_*.json in '{cfg.out}'; run `morphnet learn --out {cfg.out}` "
-                "first or pass --structure FILE"
-            )
+        structure = default_structure(out)
     counts = load_structure(structure)
     name = slim_dir or files.new_slim_dir(out)
     if Path(name).name != name or name in files.RUN_FILES and name != files.SLIM:
@@ -143,7 +161,9 @@ def rebuild_only(cfg: RunConfig, structure: str | Path | None = None, *, retrain
     session = Session(cfg, "reuse")
     try:
         latency.prepare(session)
+        session.log(f"rebuilding {cfg.model} with the widths of {structure}")
         seed = session.new_seed()
+        counts = check_structure(seed, structure, session.example)
         seed_stats = measure(session.new_seed(), session.example, cfg.target, cfg.hardware)
         rebuilt, predicted = rebuild_stage(session, seed, counts, learned_cost=None,
                                            seed_cost=seed_stats["cost"], target_cost=None)

@@ -13,11 +13,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from morphnet.control.strength import unreachable_target
 from morphnet.data import DataBundle, load_data
 from morphnet.pipeline import distributed, files, latency
 from morphnet.pipeline.config import RunConfig
 from morphnet.pipeline.distributed import DistContext
 from morphnet.pipeline.progress import progress_bar
+from morphnet.pipeline.regularizers import UNITS, make_regularizer
 from morphnet.pipeline.resume import Checkpointer, RunState
 from morphnet.seeds import create_seed
 from morphnet.seeds.registry import takes_image_size
@@ -43,7 +45,8 @@ def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[
     arguments of ``create_seed``. A model with a fixed input size (timm ViT: ``img_size``) gets
     the data resized to that size, or is built for ``--image-size`` when given (timm only); a
     built-in seed with an ``image_size`` parameter (``vit_tiny``) is built for the data's size.
-    Anything else that does not fit ends in one ``ValueError`` that names the option to change."""
+    A first batch of the training data is decoded. Anything else that does not fit ends in one
+    ``ValueError`` that names the option to change."""
     data = load_data(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
     kwargs: dict[str, Any] = {}
     if takes_image_size(cfg.model):  # e.g. vit_tiny: built for the data's size (its position embedding)
@@ -66,6 +69,8 @@ def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[
             model = build()
         else:
             raise ValueError(f"model '{cfg.model}' takes {fixed}x{fixed} images only; pass --image-size {fixed}")
+    data.example_inputs(min(cfg.batch_size, len(data.train)))  # a first batch and a test example decode:
+    data.test[0]  # a broken file among them fails now, before the run folder is made
     example = data.example_inputs(1)
     was_training = model.training
     try:
@@ -81,10 +86,24 @@ def prepare_model_and_data(cfg: RunConfig, log=print) -> tuple[DataBundle, dict[
     return data, kwargs
 
 
+def check_target(cfg: RunConfig, seed: nn.Module, example: torch.Tensor) -> None:
+    """Refuse a ``--target-cost`` below the smallest cost the seed's structure allows (every layer
+    at its ``--min-layer-fraction`` floor, or one channel), naming that minimum and the unit:
+    learning toward it would run to the end, kill every channel it may, and miss anyway."""
+    if cfg.target_cost is None:
+        return
+    reg = make_regularizer(cfg.regularizer, cfg.target, seed, example, threshold=cfg.threshold,
+                           hardware=cfg.hardware, min_layer_fraction=cfg.min_layer_fraction)
+    why = unreachable_target(cfg.target_cost, float(reg.get_cost()), reg.minimum_cost(), UNITS[cfg.target],
+                             floor=cfg.min_layer_fraction, floor_name="--min-layer-fraction")
+    if why is not None:
+        raise ValueError(f"--target-cost {why}")
+
+
 class Session:
     """What every stage needs: the config, the process group, the data, a seed factory, the run
-    folder's state and the checkpointer. Nothing is written before the config, the data and the
-    model have been checked and the folder's mode (see ``MODES``) allows it."""
+    folder's state and the checkpointer. Nothing is written before the config, the data, the
+    model and the target have been checked and the folder's mode (see ``MODES``) allows it."""
 
     def __init__(self, cfg: RunConfig, mode: str = "new"):
         if mode not in MODES:
@@ -104,6 +123,8 @@ class Session:
             if mode == "resume":
                 self._check_resumable()
             self.example = self.data.example_inputs(1)
+            if mode in ("new", "overwrite"):
+                check_target(cfg, self.new_seed(), self.example)
             self._prepare_folder()
         except BaseException:
             self.close()
@@ -174,6 +195,14 @@ class Session:
         """A progress bar on rank 0 (see ``progress.progress_bar``); nothing when quiet."""
         with progress_bar(total, desc, enabled=not self.cfg.quiet and self.ctx.is_main) as bar:
             yield bar
+
+    def note_resume(self, error: BaseException, command: str) -> None:
+        """Say in ``error`` (raised after the run folder was prepared: a broken image found
+        mid-run, say) how to go on: the folder holds a run, so the same command again is refused."""
+        if self.mode != "reuse":
+            note = (f"the run in '{self.out}' stopped there; once that is fixed, `morphnet {command} --resume --out "
+                    f"{self.out}` continues it (finished stages are kept), --overwrite starts it again")
+            error.__notes__ = [*getattr(error, "__notes__", []), note]
 
     def tensorboard(self):
         """The run's TensorBoard writer (rank 0 only; None elsewhere)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -56,7 +57,8 @@ def learn_stage(session: Session) -> tuple[nn.Module, LearnResult]:
     session.log(f"learning the structure of {cfg.model} on {session.data.name} "
                 f"({cfg.regularizer} regularizer, {cfg.target} target, {cfg.steps} steps, {ctx.world_size} process(es))"
                 + (f", resumed after step {resume['step']}" if resume else ""))
-    with session.progress(cfg.steps, "learn") as bar, session.checkpointer.loop():
+    with session.progress(cfg.steps, "learn") as bar, session.checkpointer.loop(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", morphnet.TargetMissedWarning)  # summary.json's warnings say it, with advice
         result = learn_structure(cfg, ctx, session.data, seed, writer=session.tensorboard(), progress=bar,
                                  checkpointer=session.checkpointer, resume=resume)
     seed = morphnet.remove_gates(seed).cpu()  # FiGS gates served structure learning; the slim net retrains without
@@ -69,30 +71,26 @@ def learn_stage(session: Session) -> tuple[nn.Module, LearnResult]:
 
 def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, learned_cost: float | None,
                   seed_cost: float, target_cost: float | None) -> tuple[Rebuilt, float]:
-    """Rebuild with ``counts``; expand to ``--expand-to`` or, in target-cost mode, trim the
-    residual to the target. Returns the slim model and its predicted cost."""
+    """Rebuild with ``counts``; expand to ``--expand-to`` or, in target-cost mode, land the
+    residual on the target with ``morphnet.fit_to_budget`` (the width multiplier within 1%, else
+    the closest; nothing when the learned widths are within 1% already). Returns the slim model
+    and its predicted cost."""
     cfg = session.cfg
-    budget = resolve_target(cfg.expand_to, seed_cost) if cfg.expand_to is not None else None
-    trim = (budget is None and target_cost is not None and learned_cost is not None and cfg.target in EXPANDABLE
-            and abs(learned_cost / target_cost - 1) > CORRECTION_THRESHOLD)
-    if trim:
-        budget = target_cost
     seed = seed.cpu()
-
-    def build(budget: float | None, tolerance: float | None = 0.01) -> Rebuilt:
-        torch.manual_seed(cfg.seed + 1)
-        return rebuild(seed, counts, session.example, resource=cfg.target, budget=budget,
-                       hardware=cfg.hardware, round_to=cfg.round_to, tolerance=tolerance)
-
-    try:
-        rebuilt = build(budget)
-    except ValueError as error:
-        if not trim:
-            raise
-        # widths too coarse to land within 1% (whole heads, rounding): the closest multiplier is still
-        # nearer the target than the untrimmed learned widths, which may be far off it
-        session.log(f"closest width multiplier taken: {error}")
-        rebuilt = build(budget, tolerance=None)
+    budget = resolve_target(cfg.expand_to, seed_cost) if cfg.expand_to is not None else None
+    round_to, multiplier = cfg.round_to, None
+    if budget is None and target_cost is not None and learned_cost is not None and cfg.target in EXPANDABLE:
+        with warnings.catch_warnings():  # a miss is logged below, with the cost reached
+            warnings.filterwarnings("ignore", message="fit_to_budget", category=UserWarning)
+            multiplier, counts = morphnet.fit_to_budget(seed, counts, session.example, target_cost, resource=cfg.target,
+                                                        hardware=cfg.hardware, round_to=cfg.round_to,
+                                                        tolerance=CORRECTION_THRESHOLD)
+        round_to = None  # fit_to_budget rounded them
+    torch.manual_seed(cfg.seed + 1)
+    rebuilt = rebuild(seed, counts, session.example, resource=cfg.target, budget=budget, hardware=cfg.hardware,
+                      round_to=round_to)
+    if multiplier is not None:
+        rebuilt.width_multiplier, budget = multiplier, target_cost
     if budget is None and not cfg.round_to and learned_cost is not None:
         predicted = learned_cost
     else:
@@ -101,6 +99,12 @@ def rebuild_stage(session: Session, seed: nn.Module, counts: dict[str, int], *, 
     if rebuilt.width_multiplier is not None:
         session.log(f"uniform width multiplier {rebuilt.width_multiplier:.4f} to reach "
                     f"{format_number(budget)} {UNITS[cfg.target]}")
+        if abs(predicted / budget - 1) > CORRECTION_THRESHOLD:
+            # widths too coarse to land within 1% (whole heads, rounding): the closest multiplier is
+            # still nearer the target than the untrimmed learned widths, which may be far off it
+            session.log(f"closest width multiplier taken: no factor lands within {CORRECTION_THRESHOLD:.0%} of "
+                        f"the target (whole heads or --round-to make the steps coarse); the slim network costs "
+                        f"{predicted / budget - 1:+.1%} from it")
     return rebuilt, predicted
 
 

@@ -289,6 +289,24 @@ class NetworkRegularizer:
         self.threshold_scale = 1.0
         self.revived = None
 
+    def minimum_cost(self) -> float:
+        """The smallest cost a learned structure can have: every regularized channel group dead
+        except what each conv / linear layer keeps, its floor (``min_layer_fraction``) or, without
+        one, one channel (the rebuild keeps one in every convolution; a layer with none cuts the
+        network). Unregularized groups count as alive, as in ``get_cost``. A target below it
+        cannot be reached (``TargetCost`` refuses one)."""
+        with torch.no_grad():
+            values = self.source.values()
+            _, reg_g = self.grouping.group_vectors(values, self.source.alive(values), True)
+            regularized = torch.as_tensor(self.grouping.regularized, device=reg_g.device)
+            alive_g = torch.where(regularized, 0.0, 1.0).to(reg_g.dtype)
+            if self._export:
+                # a floor with a vanishing fraction keeps ceil(eps x width) = 1 channel per layer
+                keep = LayerFloor(self._export, self.grouping.regularized, max(self.min_layer_fraction, 1e-9))
+                alive_g, _ = keep(alive_g, reg_g)
+            cost, _ = self.evaluator.evaluate(alive_g, None, None)
+        return float(cost)
+
     # ---- internals ------------------------------------------------------------------------------
     def _group_vectors(self, values: torch.Tensor, with_reg: bool):
         if self.threshold_scale == 1.0:
@@ -370,16 +388,31 @@ class _Gamma(NetworkRegularizer):
                 "convs / linears; use the GroupLasso variant of this regularizer, which penalizes the weights.")
 
 
+#: The default alive threshold of group lasso, relative: a channel is dead when its weight norm falls
+#: below 0.1 x its layer's channel-norm scale (root mean square) when the regularizer is built. A
+#: fixed norm depends on the initialization's scale: 1e-2 counted half of mobilenet_v3_small's
+#: classifier (initialized with std 0.01) dead before training. The API, ``morphnet run`` and the
+#: Lightning / Hugging Face callbacks all use it when no threshold is given.
+GROUP_LASSO_THRESHOLD = 0.1
+
+
 class _GroupLasso(NetworkRegularizer):
+    """``threshold=None``: the relative default, :data:`GROUP_LASSO_THRESHOLD` x each layer's initial
+    channel-norm scale. A number given is an absolute norm, unless ``relative_threshold=True``."""
+
     source_name = "GroupLasso"
 
-    def __init__(self, model, example_inputs, *, threshold: float, l1_fraction: float = 0.0,
-                 relative_threshold: bool = False, penalize_bias: bool = True, **kw):
+    def __init__(self, model, example_inputs, *, threshold: float | None = None, l1_fraction: float = 0.0,
+                 relative_threshold: bool | None = None, penalize_bias: bool = True, **kw):
         if not 0.0 <= l1_fraction <= 1.0:
             raise ValueError(f"l1_fraction must be in [0, 1], got {l1_fraction}")
-        self.threshold = threshold
+        if threshold is None and relative_threshold is False:
+            raise ValueError("group lasso: relative_threshold=False needs an absolute threshold=...; leave both "
+                             f"out for the relative default ({GROUP_LASSO_THRESHOLD} x each layer's initial scale)")
+        self.threshold = GROUP_LASSO_THRESHOLD if threshold is None else threshold
         self.l1_fraction = l1_fraction
-        self.relative_threshold = relative_threshold  # threshold x each layer's initial channel-norm scale
+        # threshold x each layer's initial channel-norm scale
+        self.relative_threshold = threshold is None if relative_threshold is None else relative_threshold
         self.penalize_bias = penalize_bias  # a channel's bias is part of its group's norm
         super().__init__(model, example_inputs, **kw)
 
@@ -398,7 +431,7 @@ class GammaFlopsRegularizer(_Gamma):
 class GroupLassoFlopsRegularizer(_GroupLasso):
     """Group lasso on conv / linear weights weighted by FLOPs."""
 
-    def __init__(self, model, example_inputs, threshold: float, l1_fraction: float = 0.0, **kw):
+    def __init__(self, model, example_inputs, threshold: float | None = None, l1_fraction: float = 0.0, **kw):
         super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="flops", **kw)
 
 
@@ -412,7 +445,7 @@ class GammaModelSizeRegularizer(_Gamma):
 class GroupLassoModelSizeRegularizer(_GroupLasso):
     """Group lasso weighted by weight count."""
 
-    def __init__(self, model, example_inputs, threshold: float, l1_fraction: float = 0.0, **kw):
+    def __init__(self, model, example_inputs, threshold: float | None = None, l1_fraction: float = 0.0, **kw):
         super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="size", **kw)
 
 
@@ -429,7 +462,8 @@ class GammaLatencyRegularizer(_Gamma):
 class GroupLassoLatencyRegularizer(_GroupLasso):
     """Group lasso weighted by latency on ``hardware`` (as ``GammaLatencyRegularizer``)."""
 
-    def __init__(self, model, example_inputs, threshold: float, hardware, batch_size: int | None = None,
+    def __init__(self, model, example_inputs, threshold: float | None = None, hardware=None,
+                 batch_size: int | None = None,
                  l1_fraction: float = 0.0, **kw):
         super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction, resource="latency",
                          hardware=hardware, batch_size=batch_size, **kw)
@@ -445,6 +479,6 @@ class GammaActivationRegularizer(_Gamma):
 class GroupLassoActivationRegularizer(_GroupLasso):
     """Group lasso weighted by the alive activation count."""
 
-    def __init__(self, model, example_inputs, threshold: float, l1_fraction: float = 0.0, **kw):
+    def __init__(self, model, example_inputs, threshold: float | None = None, l1_fraction: float = 0.0, **kw):
         super().__init__(model, example_inputs, threshold=threshold, l1_fraction=l1_fraction,
                          resource="activations", **kw)

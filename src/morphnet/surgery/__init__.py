@@ -5,8 +5,8 @@ the narrower model, ``expand.py`` scales structures and meets cost targets, ``io
 saves and loads slim models without pickles.
 """
 
-from morphnet.surgery.expand import expand_structure, find_width_multiplier
+from morphnet.surgery.expand import expand_structure, find_width_multiplier, fit_to_budget
 from morphnet.surgery.io import load_slim, save_slim
 from morphnet.surgery.rebuild import apply_structure
 
-__all__ = ["apply_structure", "expand_structure", "find_width_multiplier", "save_slim", "load_slim"]
+__all__ = ["apply_structure", "expand_structure", "find_width_multiplier", "fit_to_budget", "save_slim", "load_slim"]

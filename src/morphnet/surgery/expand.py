@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -50,65 +51,136 @@ def find_width_multiplier(model: nn.Module, structure, example_inputs, target_co
     reaching their next rounding step at exactly this factor step up only as far as the
     target needs (equal layers would otherwise all jump at once).
     """
-    if resource not in _RESOURCES:
-        raise ValueError(f"resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
-    if resource == "latency" and hardware is None:
-        raise ValueError("resource='latency' needs hardware=..., e.g. 'V100' or 'H100'")
     if not target_cost > 0:
         raise ValueError(f"target_cost must be > 0, got {target_cost}")
-    s = _resolve_counts(model, structure, example_inputs)
-    if resource == "latency":
-        hardware, batch_size = resolve_latency_hardware(hardware, model=model, example_inputs=example_inputs,
-                                                        batch_size=batch_size, analysis=s.analysis,
-                                                        what="find_width_multiplier")
-    program = build_cost_program(s.analysis, resource, hardware=hardware if resource == "latency" else None,
-                                 batch_size=batch_size or 1)
-    evaluator = CostEvaluator(program, s.analysis.group_of, s.analysis.num_groups)
-    ex = _Expander(s, round_to)
+    costing = _Costing(model, structure, example_inputs, resource, hardware, round_to, batch_size)
+    try:
+        factor, counts, _ = costing.search(target_cost, tolerance)
+    except _NoFactorWithin as error:
+        raise ValueError(f"{error}; tolerance=None takes the closest") from None
+    return factor, counts
 
-    def cost(units: tuple[int, ...]) -> float:
-        counts = s.counts(ex.copies(units))
+
+def fit_to_budget(model: nn.Module, structure, example_inputs, target: float, *, resource: str = "flops",
+                  hardware=None, round_to: int | None = None, tolerance: float = 0.01,
+                  batch_size: int | None = None) -> tuple[float | None, dict[str, int]]:
+    """Land ``structure`` on a budget with the uniform width multiplier, as ``morphnet run`` does
+    after learning: returns ``(multiplier, counts)`` for ``apply_structure(model, counts, ...)``.
+
+    ``target`` <= 1 is a fraction of ``model``'s cost, > 1 an absolute cost in ``resource`` units.
+    A structure whose cost (as rebuilt, with ``round_to``) is already within ``tolerance`` of it is
+    returned as it is, with multiplier None: learned widths are not rescaled for a residual.
+    Otherwise every width is scaled by the factor that lands within ``tolerance``; when the
+    integer widths allow none (whole attention heads, ``round_to``), by the one that comes
+    closest, with a warning saying how far it lands. ``structure``: alive counts (for example
+    ``TargetCost.best_structure()``), a structure file or a network regularizer.
+    """
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise ValueError(f"fit_to_budget: tolerance must be a positive fraction, got {tolerance!r}")
+    if not target > 0:
+        raise ValueError(f"fit_to_budget: target must be positive (<= 1: a fraction of the model's cost, > 1: "
+                         f"an absolute cost), got {target}")
+    costing = _Costing(model, structure, example_inputs, resource, hardware, round_to, batch_size)
+    budget = target * costing.full_cost() if target <= 1 else float(target)
+    if round_to:
+        units = costing.ex.units(1.0)
+        as_is, counts = costing.cost(units), costing.s.counts(costing.ex.copies(units))
+    else:
+        as_is, counts = costing.structure_cost(), costing.s.counts()
+    if abs(as_is / budget - 1) <= tolerance:
+        return None, counts
+    try:
+        factor, counts, _ = costing.search(budget, tolerance)
+    except _NoFactorWithin as error:
+        factor, counts, reached = costing.search(budget, None)
+        warnings.warn(f"fit_to_budget: {error}; took the closest, x{factor:.4f} ({reached / budget - 1:+.1%} from "
+                      f"the budget)", stacklevel=2)
+    return factor, counts
+
+
+class _NoFactorWithin(ValueError):
+    """No width multiplier lands within the tolerance (the integer widths step over it)."""
+
+
+class _Costing:
+    """A structure resolved against ``model`` with the cost of any of its expansions (cached)."""
+
+    def __init__(self, model: nn.Module, structure, example_inputs, resource: str, hardware, round_to: int | None,
+                 batch_size: int | None = None):
+        if resource not in _RESOURCES:
+            raise ValueError(f"resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
+        if resource == "latency" and hardware is None:
+            raise ValueError("resource='latency' needs hardware=..., e.g. 'V100', 'H100' or 'measured'")
+        self.resource, self.round_to = resource, round_to
+        self.s = _resolve_counts(model, structure, example_inputs)
+        if resource == "latency":  # a roofline entry at batch_size (default 1), or a measured table at its batch
+            hardware, batch_size = resolve_latency_hardware(hardware, model=model, example_inputs=example_inputs,
+                                                            batch_size=batch_size, analysis=self.s.analysis,
+                                                            what="find_width_multiplier")
+        program = build_cost_program(self.s.analysis, resource, hardware=hardware if resource == "latency" else None,
+                                     batch_size=batch_size or 1)
+        self.evaluator = CostEvaluator(program, self.s.analysis.group_of, self.s.analysis.num_groups)
+        self.ex = _Expander(self.s, round_to)
+        self.cost = functools.lru_cache(maxsize=None)(self._cost)
+
+    def _cost(self, units: tuple[int, ...]) -> float:
+        s = self.s
+        counts = s.counts(self.ex.copies(units))
         copies = keep_nonempty(s, copies_for_counts(s.table, counts, s.names), warn=False)
-        return float(evaluator.evaluate(torch.as_tensor(copies, dtype=torch.float64), None)[0])
+        return float(self.evaluator.evaluate(torch.as_tensor(copies, dtype=torch.float64), None)[0])
 
-    cost = functools.lru_cache(maxsize=None)(cost)
+    def structure_cost(self) -> float:
+        """The cost of the structure as ``apply_structure`` builds it."""
+        copies = keep_nonempty(self.s, self.s.copies, warn=False)
+        return float(self.evaluator.evaluate(torch.as_tensor(copies, dtype=torch.float64), None)[0])
 
-    def at(f: float) -> float:
-        return cost(ex.units(f))
+    def full_cost(self) -> float:
+        """The cost of the model itself (every channel)."""
+        ones = torch.ones(self.s.analysis.num_groups, dtype=torch.float64)
+        return float(self.evaluator.evaluate(ones, None)[0])
 
-    lo, hi = 0.0, 1.0
-    while at(hi) < target_cost:
-        if hi > 1e4:
-            raise ValueError(f"target_cost {target_cost:.6g} is out of reach: the expanded structure costs at most "
-                             f"{at(hi):.6g} {resource} (no layer of the structure can grow)")
-        lo, hi = hi, hi * 2
-    while at(lo) < target_cost:
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        if at(mid) < target_cost:
-            lo = mid
-        else:
-            hi = mid
-    # Atoms of equal size reach their next rounding step at the same factor (DenseNet's layers,
-    # RegNet's blocks): between lo and hi, step them up one at a time and keep the closest cost.
-    factor, units = lo, ex.units(lo)
-    tried = {units: cost(units)}
-    if tried[units] < target_cost:
-        current, step_to = list(units), ex.units(hi)
-        for i in [i for i, (a, b) in enumerate(zip(units, step_to)) for _ in range(b - a)]:
-            current[i] += 1
-            tried[tuple(current)] = cost(tuple(current))
-            if tried[tuple(current)] >= target_cost:
+    def search(self, target_cost: float, tolerance: float | None) -> tuple[float, dict[str, int], float]:
+        """The factor whose expansion costs ``target_cost`` within ``tolerance`` (None: the closest),
+        its counts and their cost."""
+        ex, cost, resource, round_to = self.ex, self.cost, self.resource, self.round_to
+
+        def at(f: float) -> float:
+            return cost(ex.units(f))
+
+        lo, hi = 0.0, 1.0
+        while at(hi) < target_cost:
+            if hi > 1e4:
+                raise ValueError(f"target_cost {target_cost:.6g} is out of reach: the expanded structure costs at "
+                                 f"most {at(hi):.6g} {resource} (no layer of the structure can grow)")
+            lo, hi = hi, hi * 2
+        while at(lo) < target_cost:
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
                 break
-    best = min(tried, key=lambda u: abs(tried[u] - target_cost))
-    if tolerance is not None and abs(tried[best] - target_cost) > tolerance * target_cost:
-        below = max((c for c in tried.values() if c < target_cost), default=None)
-        above = min((c for c in tried.values() if c >= target_cost), default=None)
-        raise ValueError(f"no width multiplier puts the cost within {tolerance:.0%} of {target_cost:.6g} {resource}: "
-                         f"the nearest expansions cost {below} and {above} (tolerance=None takes the closest)"
-                         + (f" (round_to={round_to} makes the steps coarse; try a smaller one)" if round_to else ""))
-    return (factor if best == units else hi), s.counts(ex.copies(best))
+            if at(mid) < target_cost:
+                lo = mid
+            else:
+                hi = mid
+        # Atoms of equal size reach their next rounding step at the same factor (DenseNet's layers,
+        # RegNet's blocks): between lo and hi, step them up one at a time and keep the closest cost.
+        factor, units = lo, ex.units(lo)
+        tried = {units: cost(units)}
+        if tried[units] < target_cost:
+            current, step_to = list(units), ex.units(hi)
+            for i in [i for i, (a, b) in enumerate(zip(units, step_to)) for _ in range(b - a)]:
+                current[i] += 1
+                tried[tuple(current)] = cost(tuple(current))
+                if tried[tuple(current)] >= target_cost:
+                    break
+        best = min(tried, key=lambda u: abs(tried[u] - target_cost))
+        if tolerance is not None and abs(tried[best] - target_cost) > tolerance * target_cost:
+            below = max((c for c in tried.values() if c < target_cost), default=None)
+            above = min((c for c in tried.values() if c >= target_cost), default=None)
+            raise _NoFactorWithin(
+                f"no width multiplier puts the cost within {tolerance:.0%} of {target_cost:.6g} {resource}: the "
+                f"nearest expansions cost {below} and {above}"
+                + (f" (round_to={round_to} makes the steps coarse; try a smaller one)" if round_to else ""))
+        return (factor if best == units else hi), self.s.counts(ex.copies(best)), tried[best]
 
 
 def _resolve_counts(model: nn.Module, structure, example_inputs) -> Structure:
