@@ -18,7 +18,7 @@ committed before any arm ran; docs/benchmarks.md records it.
   steps in all, fine-tuning (shared code: ``morphnet.recipes.compress.finetune``, lr 0.01, warm-up and
   cosine) after re-estimating BatchNorm statistics on 100 training batches:
   ``morphnet`` (``morphnet.compress`` as shipped: land at once on the trained BatchNorm scales with the
-  per-layer floor, re-estimate BatchNorm statistics, fine-tune all 2000 steps distilling the seed),
+  per-layer floor, re-estimate BatchNorm statistics, fine-tune every step distilling the seed),
   ``morphnet-no-kd`` (the same fine-tuned without distillation, as every other arm is: it isolates the
   channel selection), ``morphnet-learn`` (half the steps learning with MorphNet's FLOP-weighted penalty
   before landing), ``uniform-l1`` (one width multiplier, each layer's largest-L1 channels kept),
@@ -82,7 +82,7 @@ class Setting:
     n_test: int = 10000
     score_images: int = 1000  # the validation subset FastNAS scores its candidates on
     seed_steps: int = 6000
-    extra_steps: int = 2000
+    extra_steps: int = 1000
     sparse_fraction: float = 0.5  # of the extra steps, for the arms that learn before pruning
     batch_size: int = 64
     seed_lr: float = 0.05

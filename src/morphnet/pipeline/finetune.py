@@ -55,7 +55,7 @@ def compress_stage(session: Session, selection: str = "scales") -> tuple[nn.Modu
         slim = morphnet.compress(
             seed, session.example.to(ctx.device), cfg.target_cost, data=loader, steps=cfg.retrain_steps,
             lr=cfg.finetune_lr or cfg.retrain_lr / 5, learn_fraction=cfg.learn_fraction if selection == "scales" else 0,
-            resource=cfg.target, hardware=cfg.hardware, threshold=cfg.threshold or 1e-2,
+            resource=cfg.target, hardware=cfg.hardware, threshold=cfg.threshold, regularizer=cfg.regularizer,
             min_layer_fraction=cfg.min_layer_fraction, selection=selection, report=report, log=session.log,
             on_step=(lambda phase, step: bar.update(1)) if bar is not None else None)
     slim = slim.cpu()

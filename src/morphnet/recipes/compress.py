@@ -68,7 +68,7 @@ def compress(
     resource: str = "flops",
     hardware: Any = None,
     regularizer: str | RegularizerFactory = "auto",
-    threshold: float = 1e-2,
+    threshold: float | None = None,
     min_layer_fraction: float = 0.25,
     bn_batches: int = 100,
     selection: str = "scales",
@@ -95,7 +95,8 @@ def compress(
     at once on the trained model's own scales, which did better on our development task (see
     docs/benchmarks.md). ``resource``: ``"flops"`` (per example, 2 x multiply-adds, equal to
     ``torch.utils.flop_counter.FlopCounterMode``), ``"size"`` (weights) or ``"latency"`` (with
-    ``hardware``). No layer is cut below ``min_layer_fraction`` of its width. ``selection="uniform"``
+    ``hardware``). ``threshold``: the alive threshold (default 1e-2 on BatchNorm scales, group lasso's
+    relative default on weights). No layer is cut below ``min_layer_fraction`` of its width. ``selection="uniform"``
     keeps one width multiplier for every layer instead (each layer's largest-L1 channels): the
     baseline to compare with, fine-tuned the same way. ``val_fn(model) -> score`` (optional) is called
     after each stage and its scores logged; ``on_step(phase, step)`` after every optimizer step (it may
@@ -270,7 +271,8 @@ def _make_regularizer(model, example, resource, hardware, kind, threshold, min_l
     extra = {"hardware": hardware} if resource == "latency" else {}
     if kind == "gamma":
         cls = getattr(morphnet, f"Gamma{suffix}Regularizer")
-        return cls(model, example, gamma_threshold=threshold, min_layer_fraction=min_layer_fraction, **extra)
+        return cls(model, example, gamma_threshold=1e-2 if threshold is None else threshold,
+                   min_layer_fraction=min_layer_fraction, **extra)
     cls = getattr(morphnet, f"GroupLasso{suffix}Regularizer")
     return cls(model, example, threshold=threshold, min_layer_fraction=min_layer_fraction, **extra)
 
@@ -431,7 +433,7 @@ def shrink_uniformly(model: nn.Module, example_inputs: Any, target: float, *, re
     spans) and their trained weights. No training; re-estimate BatchNorm statistics before fine-tuning."""
     if resource not in _RESOURCES:
         raise ValueError(f"shrink_uniformly: resource must be one of {', '.join(_RESOURCES)}, got {resource!r}")
-    reg = _make_regularizer(model, example_inputs, resource, hardware, "auto", 1e-2, 0.0)
+    reg = _make_regularizer(model, example_inputs, resource, hardware, "auto", None, 0.0)
     seed_cost = float(reg.get_cost())
     full = morphnet.StructureExporter(reg).get_alive_counts()
     _, counts = morphnet.find_width_multiplier(model, full, example_inputs, resolve_target(float(target), seed_cost),
