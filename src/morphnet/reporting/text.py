@@ -62,9 +62,12 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     columns = [("seed", seed), ("slim", slim) if slim else ("learned", {"cost": learned["cost"]})]
     if summary.get("uniform"):
         columns.append(("uniform", summary["uniform"]))
+    compressed = bool(cfg.get("finetune"))  # morphnet.compress on a trained seed
     lines = [
-        f"MorphNet {target['regularizer']} on {cfg['model']} / {cfg['data']}: {cfg['steps']} learning steps, "
-        f"{summary['world_size']} process(es)",
+        (f"MorphNet compress ({target['regularizer']}) on {cfg['model']} / {cfg['data']}: {cfg['retrain_steps']} steps "
+         f"from the trained seed, {learned['step']} of them learning" if compressed else
+         f"MorphNet {target['regularizer']} on {cfg['model']} / {cfg['data']}: {cfg['steps']} learning steps, "
+         f"{summary['world_size']} process(es)"),
         f"{'':24}" + "".join(f"{name:>12}" for name, _ in columns) + f"{columns[1][0] + '/seed':>14}",
     ]
 
@@ -80,7 +83,10 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
         row("FLOPs (FlopCounterMode)", "flops_counted")
         row("parameters", "params")
         row("test accuracy", "accuracy", _percent, ratio=False)
-    if target["target_cost"] is not None:
+    if target["target_cost"] is not None and compressed:
+        lines.append(f"target {format_number(target['target_cost'])} {unit}: landed at {format_number(learned['cost'])} "
+                     f"({learned['target_error']:+.2%}; never above it, within one channel group)")
+    elif target["target_cost"] is not None:
         lines.append(
             f"target {format_number(target['target_cost'])} {unit} (+-{target['tolerance']:.0%}): learned structure "
             f"{format_number(learned['cost'])} ({learned['target_error']:+.2%}) at step {learned['step']}"
