@@ -351,6 +351,15 @@ PHASES = {"seeds": seeds_phase, "arms": arms_phase}
 
 
 # ---- tables ----------------------------------------------------------------------------------------
+def changed_function(row: dict) -> bool:
+    """Whether the pruned network's outputs moved away from the original's with the removed channels zeroed
+    by more than float noise (relative to the outputs' scale where the peer recorded it)."""
+    check = row.get("function_check")
+    if not isinstance(check, (int, float)):
+        return False  # not computable for this arm; counted as unchecked
+    return check > 1e-4 * max(1.0, float(row.get("function_check_scale") or 1.0))
+
+
 def compare(rows: list[dict]) -> list[dict]:
     """Per network, budget and arm: accuracy over seeds and MorphNet minus the arm, paired by seed."""
     table = []
@@ -363,7 +372,9 @@ def compare(rows: list[dict]) -> list[dict]:
                 rs = [r for r in here if r["arm"] == arm]
                 ok = [r for r in rs if "test" in r]
                 entry = {"network": net, "budget": budget, "arm": arm, "seeds": len(rs), "crashed": len(rs) - len(ok),
-                         "off_budget": sum(not r["on_budget"] for r in ok)}
+                         "off_budget": sum(not r["on_budget"] for r in ok),
+                         "changed_function": sum(changed_function(r) for r in ok),
+                         "unchecked": sum(not isinstance(r.get("function_check"), (int, float)) for r in ok)}
                 if ok:
                     entry.update(
                         flops_fraction=statistics.fmean(r["flops_fraction"] for r in ok),
@@ -392,7 +403,8 @@ def markdown(table: list[dict]) -> str:
         m, sd = t["test"]
         v = t.get("morphnet_minus")
         notes = "".join([f", {t['crashed']} crashed" if t["crashed"] else "",
-                         f", {t['off_budget']} off budget" if t["off_budget"] else ""])
+                         f", {t['off_budget']} off budget" if t["off_budget"] else "",
+                         f", {t['changed_function']} changed function" if t.get("changed_function") else ""])
         vp = "" if t["val_pruned"] is None else f"{100 * t['val_pruned']:.2f}"
         lines.append(
             f"| {t['network']} | {t['budget']:g} | {t['arm']} | {t['seeds']}{notes} | {t['flops_fraction']:.4f}x | "

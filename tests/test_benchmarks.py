@@ -25,10 +25,11 @@ SCRIPTS = {
     "latency_end_to_end.py": {"environment", "settings", "summary", "rows"},
     "prunable_share.py": {"environment", "skipped", "rows"},
     "zoo_detection.py": {"torch", "torchvision", "rows"},
+    "compress.py": {"environment", "setting", "table", "rows"},
 }
 # seconds a script may take in quick mode: 5-20x its time on an idle 2-core box (4-9 s), 2-3x its
 # time on one loaded by five other jobs, so a hang fails fast with the script's output
-TIMEOUTS = {"pareto.py": 300, "latency_fidelity.py": 300, "latency_end_to_end.py": 300}
+TIMEOUTS = {"pareto.py": 300, "latency_fidelity.py": 300, "latency_end_to_end.py": 300, "compress.py": 400}
 DEFAULT_TIMEOUT = 150
 
 

@@ -138,7 +138,7 @@ def half_target_run(tmp_path_factory):
     """The default job (FLOPs, half the seed's) with 600 learning steps and a short retraining."""
     out = tmp_path_factory.mktemp("half")
     assert main(["run", "--target-cost", "0.5", "--steps", "600", "--retrain-steps", "20", "--no-baseline",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--no-latency-check", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -159,8 +159,9 @@ def test_learning_that_ends_far_from_its_target_prints_warning_lines(tmp_path, c
     """20 steps are far too few to thin the seed (its cost is still twice the target): the printed
     summary says so on `warning:` lines, the first with which way to go, the second that only the
     uniform width multiplier reached the target; summary.json holds the same notes."""
+    # --no-latency-check: the end-of-run timing may add its own warning on a loaded machine (tested apart)
     assert main(["run", "--target-cost", "0.5", "--steps", "20", "--retrain-steps", "5", "--no-baseline",
-                 "--out", str(tmp_path), "--quiet"]) == 0
+                 "--no-latency-check", "--out", str(tmp_path), "--quiet"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["learned"]["target_error"] == pytest.approx(1.0)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
