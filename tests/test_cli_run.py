@@ -219,7 +219,7 @@ def test_seed_weights_and_finetune_compress_the_trained_seed(fixed_strength_run,
     weights = fixed_strength_run / "checkpoints" / "seed.pt"  # the trained seed of the first run
     out = tmp_path / "ft"
     code = main(["run", "--retrain-steps", "30", "--target-cost", "0.5", "--seed-weights", str(weights),
-                 "--finetune", "--uniform-baseline", "--out", str(out), "--quiet"])
+                 "--finetune", "--out", str(out), "--quiet"])  # the uniform network: on by default here
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "fine-tuned 30 steps distilling the seed" in summary["slim"]["training"]
@@ -253,3 +253,20 @@ def test_seed_weights_and_finetune_options_are_checked_first(tmp_path, capsys, a
     assert main(["run", "--steps", "5", "--out", str(tmp_path / "x"), "--quiet", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_finetune_compares_with_the_uniform_network_unless_told_not_to(tmp_path):
+    """With --finetune the uniform width multiplier at the same cost is compressed and fine-tuned too
+    (issue 20: the summary compares with it, not only with the seed); from scratch it stays opt-in."""
+    from morphnet.cli.main import build_parser, _config
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")  # only its existence is checked here
+
+    def config(*extra):
+        return _config(build_parser().parse_args(["run", "--target-cost", "0.5", *extra]))
+
+    assert config("--seed-weights", str(weights), "--finetune").uniform_baseline is True
+    assert config("--seed-weights", str(weights), "--finetune", "--no-uniform-baseline").uniform_baseline is False
+    assert config().uniform_baseline is False
+    assert config("--uniform-baseline").uniform_baseline is True

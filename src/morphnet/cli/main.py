@@ -164,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     _rebuild_options(run)
     _retrain_options(run, "--steps", seed_weights=True)
     run.add_argument("--no-baseline", action="store_true", help="do not train the seed for comparison")
-    run.add_argument("--uniform-baseline", action="store_true", default=None,
-                     help="also train the seed with all widths scaled by one factor to the slim network's cost")
+    uniform = run.add_mutually_exclusive_group()
+    uniform.add_argument("--uniform-baseline", action="store_true", default=None,
+                         help="also train the seed with all widths scaled by one factor to the slim network's cost "
+                              "(with --finetune: compress the trained seed that way, the default there)")
+    uniform.add_argument("--no-uniform-baseline", dest="uniform_baseline", action="store_false", default=None,
+                         help="with --finetune: skip the uniform network (halves the fine-tuning time)")
     run.add_argument("--no-latency-check", action="store_true",
                      help="do not time the seed, slim and uniform networks at the end of the run")
     _run_options(run, "run folder (default morphnet_run)")

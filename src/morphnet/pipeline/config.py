@@ -53,7 +53,7 @@ class RunConfig:
     latency_batch_size: int = 1
     latency_check: bool = True
     baseline: bool = True
-    uniform_baseline: bool = False
+    uniform_baseline: bool | None = None  # None: on with --finetune (compare with the uniform network), else off
     seed_weights: str | None = None
     finetune: bool = False
     finetune_lr: float | None = None
@@ -72,6 +72,8 @@ class RunConfig:
             self.data = default_data(self.model)
         if self.retrain_steps is None:
             self.retrain_steps = self.steps
+        if self.uniform_baseline is None:
+            self.uniform_baseline = self.finetune
         if self.round_to is None:  # multiples of 8 on a CUDA target; --round-to 1 keeps any width
             from morphnet.pipeline.latency import round_to_default
 
