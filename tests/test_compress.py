@@ -259,3 +259,36 @@ def test_recalibrate_batchnorm_averages_the_batches_and_restores_momentum():
     count = morphnet.recalibrate_batchnorm(bn.eval(), batches, 4, lambda m, b: stack.append(b) or m(b))
     assert count == 1 and bn.momentum == 0.1 and not bn.training
     assert torch.allclose(bn.running_mean, torch.stack([b.mean(0) for b in stack]).mean(0), atol=1e-6)
+
+
+def _zoo(name: str) -> nn.Module:
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name[5:], pretrained=False, num_classes=10)
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "timm:mobilenetv3_small_050"])
+def test_a_torchvision_or_timm_model_is_compressed_in_one_call(name):
+    """Issue 25: a user's torchvision / timm model, as constructed, in one call: on budget by
+    FlopCounterMode, the same class, and the landed network is the original with the cut channels zeroed
+    (residual joins, depthwise convolutions and squeeze-excitation included)."""
+    torch.manual_seed(0)
+    model = _zoo(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 1.0)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+    report: dict = {}
+    slim = morphnet.compress(model, x, 0.5, data=data, steps=1, bn_batches=1, log=None, report=report)
+    seed_flops, flops = count_flops(model, x), count_flops(slim, x)
+    assert 0.98 * 0.5 * seed_flops <= flops <= 0.5 * seed_flops
+    assert type(slim) is type(model)
+    assert report["function_check"] < 1e-4
+    assert slim(x).shape == (1, 10)
