@@ -391,6 +391,35 @@ def compare(rows: list[dict]) -> list[dict]:
     return table
 
 
+def summary_markdown(table: list[dict]) -> str:
+    """The README's condensed table: per network, each arm's test accuracy at every budget and MorphNet
+    minus it (paired by seed, with twice its SE and the verdict)."""
+    lines = []
+    for net in sorted({t["network"] for t in table}):
+        here = [t for t in table if t["network"] == net]
+        budgets = sorted({t["budget"] for t in here}, reverse=True)
+        lines += ["", f"{net}: test accuracy over trained seeds (mean ± sd); MorphNet minus the arm, paired by seed "
+                      "(± twice its SE): verdict", "",
+                  "| arm | " + " | ".join(f"{b:g} of the FLOPs | MorphNet minus arm" for b in budgets) + " |",
+                  "|---|" + "---|---|" * len(budgets)]
+        for arm in [a for a in ARMS + LATE_ARMS if any(t["arm"] == a for t in here)]:
+            cells = []
+            for b in budgets:
+                t = next((t for t in here if t["arm"] == arm and t["budget"] == b), None)
+                if t is None or "test" not in t:
+                    cells += ["not run" if t is None else "crashed", ""]
+                    continue
+                m, sd = t["test"]
+                notes = "".join([f", {t['off_budget']} off budget" if t["off_budget"] else "",
+                                 f", {t['crashed']} crashed" if t["crashed"] else "",
+                                 f", {t['changed_function']} changed function" if t.get("changed_function") else ""])
+                cells.append(f"{100 * m:.2f} ± {100 * (0 if math.isnan(sd) else sd):.2f} (n={t['seeds']}{notes})")
+                v = t.get("morphnet_minus")
+                cells.append(f"{100 * v['gap']:+.2f} ± {100 * v['two_se']:.2f}: {v['verdict']}" if v else "")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| network | budget | arm | seeds | FLOPs | val after pruning | val | test (mean ± sd) | "
              "MorphNet minus arm | 2 x SE | verdict (MorphNet) | ahead |",
@@ -465,6 +494,7 @@ def main() -> None:
     table = compare(rows)
     if table:
         print("\n" + markdown(table))
+        print(summary_markdown(table))
     write_results(out.with_suffix(".json"), {"environment": env, "setting": asdict(s) if not args.combine else None,
                                              "table": table, "rows": rows},
                   [{k: v for k, v in r.items() if k not in ("traceback", "widths", "strength")} for r in rows] or None)
