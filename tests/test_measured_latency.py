@@ -112,6 +112,29 @@ def test_the_fit_recovers_synthetic_timings_exactly(tmp_path):
     assert table.timing == {"timer": "synthetic", "rounds": 3}
 
 
+def test_a_whole_model_timing_that_swings_between_rounds_is_flagged_as_a_busy_machine(tmp_path, caplog):
+    """On a loaded machine the op timings (short) dodge the other processes and the whole model (long)
+    does not, so the rest-of-network constant swallows the waiting: the table says so, loudly."""
+
+    class BusyTimer(SyntheticTimer):
+        def measure(self, cases):
+            stats = super().measure(cases)
+            return [TimingStats(s.median, 1.3, s.samples) if c.info["kind"] == "model" else s
+                    for c, s in zip(cases, stats)]
+
+    with caplog.at_level("WARNING", logger="morphnet.latency"):
+        table = morphnet.measure_latency(Mixed(), X, batch_size=4, timer=BusyTimer(), cache_dir=tmp_path)
+    (entry,) = table.models.values()
+    assert "machine looks busy" in entry["warning"] and "130%" in entry["warning"]
+    assert any("machine looks busy" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="morphnet.latency"):
+        again = morphnet.measure_latency(Mixed(), X, batch_size=4, timer=SyntheticTimer(), cache_dir=tmp_path)
+    assert again.source == "cache" and any("cached table" in r.getMessage() for r in caplog.records)
+    quiet = morphnet.measure_latency(Mixed(), X, batch_size=4, timer=SyntheticTimer(), cache_dir=tmp_path / "q")
+    assert all("warning" not in e for e in quiet.models.values())
+
+
 def test_the_program_is_the_fitted_time_of_every_op_at_the_alive_widths_plus_the_rest(tmp_path):
     """A chain conv -> BN -> ReLU -> conv -> BN -> ReLU -> mean -> linear on 6x6 inputs, by hand."""
     model = chain()

@@ -46,6 +46,8 @@ from morphnet.costs.resources import COMPUTE, CostProgram
 from morphnet.costs.timing import DeviceTimer, TimingCase, Timer, time_models
 
 logger = logging.getLogger("morphnet.latency")
+#: A whole-model timing whose rounds differ by more than this (relative to their median) is flagged as busy.
+BUSY_SPREAD = 0.5
 
 FORMAT = "morphnet-latency-table"
 VERSION = 1
@@ -367,8 +369,17 @@ def _calibrate(table: LatencyTable, model: nn.Module, example_inputs, a: Channel
                         batch_size=setting.batch_size, channels_last=setting.channels_last, timer=timer)["model"]
     ops_ns = sum(_predict(table.ops[op.signature], op, a) for op in ops)
     model_ns = whole.median * 1e9
-    return {"model": type(model).__name__, "model_ns": model_ns, "model_spread": whole.spread, "ops_ns": ops_ns,
-            "rest_ns": max(0.0, model_ns - ops_ns), "untimed_ops": _untimed(a, ops, table), "measured": _now()}
+    entry = {"model": type(model).__name__, "model_ns": model_ns, "model_spread": whole.spread, "ops_ns": ops_ns,
+             "rest_ns": max(0.0, model_ns - ops_ns), "untimed_ops": _untimed(a, ops, table), "measured": _now()}
+    if whole.spread > BUSY_SPREAD:
+        # Short op timings fit between other processes' time slices, a whole forward pass does not: on a busy
+        # machine the rest of the network (model minus ops) swallows the waiting, and every width looks cheap.
+        entry["warning"] = (f"the whole {entry['model']} varied by {100 * whole.spread:.0f}% between timing rounds "
+                            f"(the machine looks busy): the rest of the network, {entry['rest_ns'] / 1e6:.3g} ms of "
+                            f"{model_ns / 1e6:.3g} ms, may be inflated, which makes narrower layers look useless; "
+                            "measure again on a quiet machine (delete the cached table)")
+        logger.warning("latency: %s", entry["warning"])
+    return entry
 
 
 def _untimed(a: ChannelAnalysis, ops: list[TimedOp], table: LatencyTable) -> int:
@@ -483,6 +494,10 @@ def measure_latency(model: nn.Module, example_inputs, *, device=None, dtype=None
     ops_measured, model_timed = extend_table(table, model, example_inputs, analysis=analysis, setting=setting,
                                              timer=timer or DeviceTimer(setting.device, rounds=rounds, warmup=warmup))
     table.source = ("measured" if not cached else "cache, extended" if ops_measured or model_timed else "cache")
+    if cached and not model_timed:
+        for entry in table.models.values():
+            if entry.get("warning"):
+                logger.warning("latency: the cached table %s: %s", path, entry["warning"])
     if path is not None:
         if table.source != "cache" or not path.is_file():
             table.save(path)
