@@ -87,6 +87,7 @@ class Setting:
     batch_size: int = 64
     seed_lr: float = 0.05
     finetune_lr: float = 0.01
+    fastnas_divisor: int = 4  # ModelOpt's channel divisor (its 32 leaves a ResNet-20 no subnet below 0.84x)
     bn_batches: int = 100
     budgets: tuple[float, ...] = (0.5, 0.25)
     seeds: int = 5
@@ -97,7 +98,7 @@ class Setting:
 NETWORK_OPTIONS = {"mobilenetv2_cifar": {"width": 0.5, "stem_stride": 2}}
 
 QUICK = Setting(networks=("resnet20",), n_train=512, n_val=256, n_test=256, score_images=128, seed_steps=20,
-                extra_steps=8, bn_batches=2, budgets=(0.5,), seeds=1)
+                extra_steps=8, bn_batches=2, budgets=(0.5,), seeds=1, fastnas_divisor=8)
 
 #: every arm but the reference, in the order they run; MorphNet first
 ARMS = ("morphnet", "morphnet-no-kd", "morphnet-learn", "uniform-l1", "tp-local", "tp-global", "tp-bnscale",
@@ -285,7 +286,8 @@ def _peer(name: str, **kwargs):
 
         sparse = round(bench.s.extra_steps * bench.s.sparse_fraction) if name in SPARSE_PEERS else 0
         task = bench.peer_task(model, seed, budget, sparse)
-        pruned, info = getattr(compress_peers, name)(model, task, **kwargs)
+        options = {"channel_divisor": bench.s.fastnas_divisor, **kwargs} if name == "prune_fastnas" else kwargs
+        pruned, info = getattr(compress_peers, name)(model, task, **options)
         if info.get("error") or pruned is None:
             return None, info
         used = int(info.get("sparse_steps", 0))
