@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from morphnet.costs.measured import device_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -31,16 +33,6 @@ def setup_cpu(threads: int) -> None:
     """Pin PyTorch's intra-op threads. On a shared, busy machine 1 thread is faster and steadier
     than 2: the workers of a multi-threaded op spin-wait on each other when a core is taken."""
     torch.set_num_threads(threads)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit(root: Path) -> str | None:
@@ -67,7 +59,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "morphnet_path": str(Path(morphnet.__file__).parent),
         "commit": _git_commit(Path(morphnet.__file__).parent),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),

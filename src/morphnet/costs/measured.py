@@ -406,12 +406,13 @@ def _setting_of(table: LatencyTable) -> Setting:
 def latency_key(setting: Setting) -> dict:
     """What a table is valid for: it is reused only where all of these are equal."""
     device = setting.device
-    return {"device": device.type, "device_name": _device_name(device), "dtype": str(setting.dtype).removeprefix("torch."),
+    return {"device": device.type, "device_name": device_name(device), "dtype": str(setting.dtype).removeprefix("torch."),
             "batch_size": setting.batch_size, "memory_format": "channels_last" if setting.channels_last else "contiguous",
             "torch": torch.__version__, "threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (what latency tables and benchmarks are keyed by)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
