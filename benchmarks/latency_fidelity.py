@@ -206,7 +206,7 @@ SETTINGS = {
              "learn_steps": 1500, "learn_batch": 128, "learn": {"strength": 30}, "rounds": 5,
              "reps": {1: 200, 256: 20}},
     "cpu": {"models": ("resnet20", "mobilenetv2_cifar", "vit_tiny"), "data": "synthetic:2000", "batches": (1, 32),
-            "variants": 50, "learn_steps": 150, "learn_batch": 32, "learn": {"target_cost": 0.25}, "rounds": 5,
+            "variants": 50, "learn_steps": 150, "learn_batch": 32, "learn": {"target_cost": 0.25}, "rounds": 9,
             "reps": {1: 30, 32: 8}},
     "quick": {"models": ("digits_cnn", "vit_tiny"), "data": "digits", "batches": (1, 8), "variants": 6,
               "learn_steps": 20, "learn_batch": 32, "learn": {"target_cost": 0.5}, "rounds": 1,

@@ -4,6 +4,7 @@ default, shortened by flags so the suite stays fast on 2 CPU cores."""
 import json
 
 import pytest
+import torch
 
 from morphnet.cli.main import main
 from morphnet.pipeline import files
@@ -65,6 +66,38 @@ def test_uniform_baseline_costs_what_the_slim_network_costs(fixed_strength_run):
     uniform, slim = summary["uniform"], summary["slim"]
     assert abs(uniform["flops_counted"] / slim["flops_counted"] - 1) <= 0.01
     assert 0 < uniform["width_multiplier"] < 1 and 0 <= uniform["accuracy"] <= 1
+
+
+def test_the_uniform_network_is_saved_and_a_better_one_is_reported(fixed_strength_run):
+    """The uniform network of the same cost is kept in slim_uniform/ (it loads back with its widths
+    and the summary's accuracy), and the run warns exactly when it scored above the slim network."""
+    import morphnet
+    from morphnet.data import load_data
+    from morphnet.pipeline.training import evaluate
+    from morphnet.seeds import create_seed
+
+    summary = json.loads((fixed_strength_run / "summary.json").read_text())
+    uniform, slim = summary["uniform"], summary["slim"]
+    data = load_data("digits")
+    loaded = morphnet.load_slim(lambda: create_seed("digits_cnn", in_channels=1),
+                                fixed_strength_run / uniform["dir"], data.example_inputs(1))
+    assert uniform["dir"] == files.SLIM_UNIFORM
+    convs = {name: m.out_channels for name, m in loaded.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convs and all(convs[name] == width for name, width in uniform["widths"].items() if name in convs)
+    assert evaluate(loaded, data.test, "cpu") == pytest.approx(uniform["accuracy"], abs=1e-9)
+    warned = any(note.startswith("the uniform network of the same cost scored higher") for note in summary["warnings"])
+    assert warned == (uniform["accuracy"] > slim["accuracy"])
+
+
+def test_the_uniform_warning_names_both_accuracies_and_what_to_keep():
+    from morphnet.pipeline.summary import uniform_notes
+
+    worse = {"slim": {"accuracy": 0.81}, "uniform": {"accuracy": 0.84, "dir": "slim_uniform"}}
+    (note,) = uniform_notes(worse)
+    assert "84.00% against 81.00%" in note and "slim_uniform/" in note and "morphnet.load_slim" in note
+    assert uniform_notes({"slim": {"accuracy": 0.84}, "uniform": {"accuracy": 0.84}}) == []
+    assert uniform_notes({"slim": {"accuracy": 0.85}, "uniform": {"accuracy": 0.84}}) == []
+    assert uniform_notes({"slim": {"accuracy": 0.85}}) == [] and uniform_notes({"slim": {}, "uniform": None}) == []
 
 
 def test_slim_model_loads_back_with_the_learned_widths(fixed_strength_run):

@@ -25,6 +25,7 @@ STRUCTURES = "learned_structure"
 CHECKPOINTS = "checkpoints"
 STATE = "checkpoints/state.json"  # which stages finished, and what they produced
 SLIM = "slim"
+SLIM_UNIFORM = "slim_uniform"  # the uniform network of the same cost, when trained for comparison
 PLOTS = "plots"
 TENSORBOARD = "tensorboard"
 #: What a run writes into its folder; ``--overwrite`` removes exactly these (and slim_*/ folders).

@@ -37,7 +37,7 @@ def compress_stage(session: Session, selection: str = "scales") -> tuple[nn.Modu
     earlier job is loaded from its saved model instead."""
     cfg, ctx = session.cfg, session.ctx
     name = STAGES[selection]
-    folder = files.SLIM if selection == "scales" else "slim_uniform"
+    folder = files.SLIM if selection == "scales" else files.SLIM_UNIFORM
     done = session.state.done(name)
     if done is not None:
         session.log(f"{name} finished earlier; loading its network")

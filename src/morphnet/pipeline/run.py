@@ -94,7 +94,8 @@ def _compress_pipeline(session) -> dict[str, Any]:
         uniform, uniform_report = compress_stage(session, selection="uniform")
         stats = measure(copy.deepcopy(uniform), session.example, cfg.target, cfg.hardware)
         summary["uniform"] = {**stats, "accuracy": finetuned(session, uniform, uniform_report)[2],
-                              "widths": uniform_report["widths"], "training": "the same, one width multiplier"}
+                              "widths": uniform_report["widths"], "training": "the same, one width multiplier",
+                              "dir": files.SLIM_UNIFORM}
         summary["seconds"]["compress_uniform"] = uniform_report["seconds"]
     summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
     return finish(session, summary, history)

@@ -181,8 +181,11 @@ def uniform_stage(session: Session, seed_widths: dict[str, int], budget: float,
         return None, 0.0
     stats = measure(copy.deepcopy(rebuilt.model), session.example, cfg.target, cfg.hardware)
     session.log(f"training the seed shrunk uniformly (x{rebuilt.width_multiplier:.3f}) to the slim cost, for comparison")
-    accuracy, seconds = retrain_stage(session, rebuilt.model, "retrain_uniform", history)
-    return {**stats, "accuracy": accuracy, "widths": rebuilt.counts, "width_multiplier": rebuilt.width_multiplier}, seconds
+    accuracy, seconds = retrain_stage(
+        session, rebuilt.model, "retrain_uniform", history,
+        save=lambda model: morphnet.save_slim(session.out / files.SLIM_UNIFORM, model.cpu(), rebuilt.counts))
+    return {**stats, "accuracy": accuracy, "widths": rebuilt.counts, "width_multiplier": rebuilt.width_multiplier,
+            "dir": files.SLIM_UNIFORM}, seconds
 
 
 

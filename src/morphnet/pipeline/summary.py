@@ -75,8 +75,22 @@ def outcome(summary: dict[str, Any]) -> list[str]:
         if slim.get("width_multiplier") is not None:
             notes.append(f"the slim network reaches the target only through the uniform width multiplier "
                          f"(x{slim['width_multiplier']:.3f} on every layer), not through learned widths")
+    notes += uniform_notes(summary)
     notes += latency.notes(summary)
     return notes
+
+
+def uniform_notes(summary: dict[str, Any]) -> list[str]:
+    """A plain warning when the uniform network of the same cost, trained the same way, scored higher
+    than the slim network: one run's learned structure is not always better, and the user should know
+    which network to keep (both are saved)."""
+    slim, uniform = summary.get("slim") or {}, summary.get("uniform") or {}
+    if slim.get("accuracy") is None or uniform.get("accuracy") is None or uniform["accuracy"] <= slim["accuracy"]:
+        return []
+    return [f"the uniform network of the same cost scored higher than the slim network ({uniform['accuracy']:.2%} "
+            f"against {slim['accuracy']:.2%}, trained the same way): this run's learned structure did not pay off. "
+            f"Keep the uniform one ({uniform.get('dir', files.SLIM_UNIFORM)}/, load it with morphnet.load_slim), or "
+            f"learn again with another --seed or more --steps and compare on data you did not test on"]
 
 
 def reduction(summary: dict[str, Any]) -> dict[str, float] | None:
