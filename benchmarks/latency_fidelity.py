@@ -304,16 +304,18 @@ def run_model(name: str, cfg: dict, device: torch.device, hardware: str, quick: 
                        "roofline": [v[f"roofline_ns_b{b}"] for v in variants],
                        "measured": [v[f"measured_ns_b{b}"] for v in variants]}
         s = {f"spearman_{k}": _spearman(measured, p) for k, p in predictions.items()}
+        s.update({f"fraction_error_{k}": _fraction_error(measured, p, variants.index(seed_row(variants)))
+                  for k, p in predictions.items()})
         s.update({f"spearman_{k}_fastest_round": _spearman(fastest, p) for k, p in predictions.items()})
-        seed_row = next(v for v in variants if v["kind"] == "seed" and not v["rounded"])
+        seed_row_ = seed_row(variants)
         s.update({
             "rounding_speedup_median": _rounding_effect(variants, f"latency_ms_b{b}"),
             "round_spread_median": round(median([v[f"round_spread_b{b}"] for v in variants]), 4),
-            "seed_ms": seed_row[f"latency_ms_b{b}"], "seed_measured_model_ms": round(seed_row[f"measured_ns_b{b}"] / 1e6, 4),
+            "seed_ms": seed_row_[f"latency_ms_b{b}"], "seed_measured_model_ms": round(seed_row_[f"measured_ns_b{b}"] / 1e6, 4),
             "measured_model_ratio_median": round(median([v[f"measured_ns_b{b}"] / 1e6 / v[f"latency_ms_b{b}"]
                                                          for v in variants]), 4),
-            "slower_than_seed": sum(v[f"latency_ms_b{b}"] > seed_row[f"latency_ms_b{b}"] for v in variants
-                                    if v is not seed_row),
+            "slower_than_seed": sum(v[f"latency_ms_b{b}"] > seed_row_[f"latency_ms_b{b}"] for v in variants
+                                    if v is not seed_row_),
         })
         summary[f"batch_{b}"] = s
     summary["rounding_flop_ratio_median"] = _rounding_effect(variants, "flops")
@@ -328,6 +330,42 @@ def _spearman(a, b) -> float:
     return round(float(spearmanr(a, b)[0]), 3)
 
 
+def seed_row(variants: list[dict]) -> dict:
+    return next(v for v in variants if v["kind"] == "seed" and not v["rounded"])
+
+
+def _fraction_error(measured, predicted, seed: int, skip: tuple[int, ...] = ()) -> float:
+    """What a target given as a fraction of the seed's latency depends on: the median over variants of
+    |predicted fraction of the seed / measured fraction of the seed - 1| (``skip``: rows left out)."""
+    errors = [abs((p / predicted[seed]) / (m / measured[seed]) - 1)
+              for i, (m, p) in enumerate(zip(measured, predicted)) if i != seed and i not in skip]
+    return round(float(median(errors)), 4)
+
+
+def reanalyse(path: str) -> None:
+    """From a saved run: each predictor's fraction error, and what a two-point calibration of the
+    measured model (real = a x prediction + b through the seed and the variant predicted nearest
+    half of it, that variant then left out) would have made of it. Calibration keeps the ranking."""
+    data = json.loads(Path(path).read_text())
+    print(f"{'network':20} {'batch':>5} {'FLOPs':>7} {'roofline':>9} {'measured':>9} {'two-point':>10}   "
+          f"(median |predicted / measured fraction of the seed - 1|)")
+    for name in dict.fromkeys(r["model"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if r["model"] == name]
+        seed = rows.index(seed_row(rows))
+        for b in sorted({int(k.split("_b")[1]) for k in rows[0] if k.startswith("latency_ms_b")}):
+            real = np.array([r[f"latency_ms_b{b}"] for r in rows])
+            pred = {"flops": np.array([r["flops"] for r in rows], float),
+                    "roofline": np.array([r[f"roofline_ns_b{b}"] for r in rows]),
+                    "measured": np.array([r[f"measured_ns_b{b}"] for r in rows])}
+            p = pred["measured"]
+            half = int(np.argmin(np.abs(p / p[seed] - 0.5) + np.eye(len(p))[seed]))
+            a = (real[seed] - real[half]) / (p[seed] - p[half])
+            two_point = a * p + (real[seed] - a * p[seed])
+            errors = [_fraction_error(real, pred[k], seed, (half,)) for k in ("flops", "roofline", "measured")]
+            print(f"{name:20} {b:5d} " + " ".join(f"{e:9.3f}" for e in errors)
+                  + f" {_fraction_error(real, two_point, seed, (half,)):10.3f}   (scale {a * 1e6:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -338,7 +376,11 @@ def main() -> None:
     parser.add_argument("--hardware", default="H100", help="roofline entry for CUDA runs (default H100)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/latency_fidelity_<device>.json)")
+    parser.add_argument("--reanalyse", metavar="JSON", help="no timing: fraction errors of a saved run, and what a "
+                                                            "two-point calibration would have made of them")
     args = parser.parse_args()
+    if args.reanalyse:
+        return reanalyse(args.reanalyse)
     setup_cpu(args.threads)
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True

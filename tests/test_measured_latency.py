@@ -15,6 +15,7 @@ from torch import nn
 import morphnet
 from morphnet.costs.measured import LatencyTable, nonnegative_least_squares
 from morphnet.costs.timing import DeviceTimer, TimingStats, time_models
+from morphnet.recipes.compress import shrink_uniformly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +33,7 @@ class SyntheticTimer:
     ``models[name]`` seconds. Counts the cases it was asked to time."""
 
     def __init__(self, models: dict[str, float] | None = None):
-        self.models = {"model": 1.0, **(models or {})}
+        self.models = {"model": 1.0, "uniform_half": 0.6, **(models or {})}
         self.cases = 0
 
     def describe(self) -> dict:
@@ -136,9 +137,10 @@ def test_a_whole_model_timing_that_swings_between_rounds_is_flagged_as_a_busy_ma
 
 
 def test_the_program_is_the_fitted_time_of_every_op_at_the_alive_widths_plus_the_rest(tmp_path):
-    """A chain conv -> BN -> ReLU -> conv -> BN -> ReLU -> mean -> linear on 6x6 inputs, by hand."""
+    """A chain conv -> BN -> ReLU -> conv -> BN -> ReLU -> mean -> linear on 6x6 inputs, by hand. The
+    whole model and its uniform half are timed as 1.5 x their ops' sum + a fixed rest: the two-point
+    calibration recovers both, and every cost below carries the 1.5."""
     model = chain()
-    table = morphnet.measure_latency(model, X, timer=SyntheticTimer({"model": 1e-3}), cache_dir=tmp_path)
 
     def by_hand(a1: int, a2: int) -> float:
         layers = 2 * LAYER_LINEAR[0] + LAYER_LINEAR[1] * (a1 + a2)
@@ -146,19 +148,41 @@ def test_the_program_is_the_fitted_time_of_every_op_at_the_alive_widths_plus_the
         data = 5 * DATA[0] + DATA[1] * (2 * 2 * 36 * a1 + 2 * 2 * 36 * a2 + 37 * a2)  # BN, ReLU (in, out); mean
         return layers + data
 
-    rest = 1e6 - by_hand(8, 12)
-    assert rest > 0 and table.models and next(iter(table.models.values()))["rest_ns"] == pytest.approx(rest)
+    half = shrink_uniformly(model, X, 0.5)
+    h1, h2 = half[0].out_channels, half[3].out_channels
+    assert (h1, h2) < (8, 12)
+    scale, rest = 1.5, 1e6 - 1.5 * by_hand(8, 12)
+    timer = SyntheticTimer({"model": 1e-3, "uniform_half": (scale * by_hand(h1, h2) + rest) * 1e-9})
+    table = morphnet.measure_latency(model, X, timer=timer, cache_dir=tmp_path)
+    (entry,) = table.models.values()
+    assert rest > 0 and entry["rest_ns"] == pytest.approx(rest) and entry["op_scale"] == pytest.approx(scale)
+    assert entry["uniform_half"]["ops_ns"] == pytest.approx(by_hand(h1, h2))
     assert morphnet.compute_cost(model, X, "latency", hardware=table) == pytest.approx(1e6, rel=1e-12)
     with torch.no_grad():
         model[1].weight[3:] = 0.0  # 3 of 8 channels alive
         model[4].weight[:7] = 0.0  # 5 of 12
     reg = morphnet.GammaLatencyRegularizer(model, X, gamma_threshold=1e-2, hardware=table)
     assert reg.cost_name == "Latency" and reg.batch_size == 1
-    assert float(reg.get_cost()) == pytest.approx(by_hand(3, 5) + rest, rel=1e-12)
+    assert float(reg.get_cost()) == pytest.approx(scale * by_hand(3, 5) + rest, rel=1e-12)
     slim = morphnet.apply_structure(model, reg, X)
     assert morphnet.compute_cost(slim, X, "latency", hardware=table) == pytest.approx(float(reg.get_cost()), rel=1e-12)
     rows = {row["name"]: row for row in morphnet.cost_table(slim, X, hardware=table)}
-    assert rows["3"]["latency_ns"] == pytest.approx(BILINEAR[0] + 3 * BILINEAR[1] + 5 * BILINEAR[2] + 15 * BILINEAR[3])
+    assert rows["3"]["latency_ns"] == pytest.approx(
+        scale * (BILINEAR[0] + 3 * BILINEAR[1] + 5 * BILINEAR[2] + 15 * BILINEAR[3]))
+
+
+def test_the_two_point_calibration_falls_back_to_one_point_when_the_timings_disagree():
+    """A half that takes longer than the whole, or a slope outside the bounds, is noise: the scale
+    stays 1 or at its bound, and the rest is never negative."""
+    from morphnet.costs.measured import OP_SCALE_RANGE, _two_point_scale
+
+    assert _two_point_scale(1000.0, 400.0, 700.0, 200.0) == pytest.approx(1.5)
+    assert _two_point_scale(1000.0, 400.0, 1100.0, 200.0) == OP_SCALE_RANGE[0]  # half slower than whole
+    assert _two_point_scale(1000.0, 100.0, 500.0, 10.0) == OP_SCALE_RANGE[1]  # slope 5.6, rest 444
+    assert _two_point_scale(1000.0, 400.0, 700.0, 400.0) == 1.0  # nothing shrank
+    # a rest that would be negative: the least-squares slope through the origin
+    s = _two_point_scale(1000.0, 900.0, 300.0, 400.0)
+    assert s == pytest.approx((1000 * 900 + 300 * 400) / (900 ** 2 + 400 ** 2)) and 1000.0 - s * 900.0 >= -1e-9
 
 
 def test_the_measured_term_is_differentiable_and_steers_a_target_cost_run(tmp_path):
@@ -313,6 +337,8 @@ def test_run_reports_measured_latency_and_warns_when_the_slim_network_is_slower(
 
     timer = SyntheticTimer({"model": 1e-3, "seed": 1e-3, "slim": 1.2e-3, "uniform": 0.9e-3})
     monkeypatch.setattr(latency, "TIMER", timer)
+    # one whole-model timing (the two-point calibration has its own tests): the fixed 1 ms is then the rest
+    monkeypatch.setattr("morphnet.costs.measured._uniform_half", lambda model, example: (None, None))
     monkeypatch.setenv("MORPHNET_LATENCY_CACHE", str(tmp_path / "cache"))
     # with this synthetic timer the digits CNN's latency is mostly per-op constants: 0.8 of it is reachable
     cfg = RunConfig(target="latency", hardware="measured", device="cpu", steps=20, retrain_steps=2, baseline=False,

@@ -5,8 +5,9 @@ dtype, batch size and memory format in use, at a few widths (``costs/latency_ops
 each op's latency in the form the cost program already has: ``c0 + c_in A_in + c_out A_out + c_io
 A_in A_out`` for convs and linears, ``c0 + k x`` for attention products (x: alive heads) and
 data-moving ops (x: elements read and written), non-negative least squares weighted by 1/t. The
-rest of the network (views, Python between ops, ops that cannot be replayed) is one constant: the
-whole model's measured forward minus the ops' sum at full width.
+rest of the network (views, Python between ops, ops that cannot be replayed) is one constant, and
+the ops' sum carries one scale (what an op timed alone is worth inside the network): both from two
+whole-model timings, the model and its uniform half (``whole = scale x ops + rest``).
 
 The ``LatencyTable`` it returns is usable wherever a hardware name is (``hardware=table``, or
 ``hardware="measured"``, which measures or reuses the cached table): its cost program is a sum of
@@ -21,6 +22,7 @@ so a slim network rebuilt from the seed finds its ops in the seed's table.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import hashlib
 import itertools
@@ -155,12 +157,13 @@ class LatencyTable:
                              f"({names}{', ...' if len(missing) > 3 else ''}); measure this model with "
                              "morphnet.measure_latency(model, example_inputs, ...) or hardware='measured'")
         p = CostProgram()
+        scale = self.op_scale(a)
         for op in ops:
             entry = self.ops[op.signature]
             if entry["form"] == "unmeasured":
                 continue  # its time is in the rest of the network
             layer = p.layer(op.module)
-            c = entry["coef"]
+            c = [scale * v for v in entry["coef"]]
             p.const.append((layer, COMPUTE, c[0]))
             if entry["form"] == "bilinear":
                 x, y = p.set_of(op.call.in_ids), p.set_of(op.call.out_ids)
@@ -177,8 +180,18 @@ class LatencyTable:
 
     def op_latencies(self, a: ChannelAnalysis) -> list[tuple[TimedOp, float]]:
         """Every timed op of the analyzed model with its predicted latency (ns) at full width."""
-        ops = timed_ops(a)
-        return [(op, _predict(self.ops[op.signature], op, a)) for op in ops if self._covers(op)]
+        ops, scale = timed_ops(a), self.op_scale(a)
+        return [(op, scale * _predict(self.ops[op.signature], op, a)) for op in ops if self._covers(op)]
+
+    def op_scale(self, a: ChannelAnalysis) -> float:
+        """What one op timed alone is worth inside the network: this model's own whole-model
+        calibration when it has one, else the median over the models timed whole (1 in tables
+        calibrated on one timing)."""
+        own = self.models.get(fingerprint(a))
+        if own is not None:
+            return float(own.get("op_scale", 1.0))
+        scales = [float(m.get("op_scale", 1.0)) for m in self.models.values()]
+        return float(statistics.median(scales)) if scales else 1.0
 
     def rest_ns(self, a: ChannelAnalysis, ops: list[TimedOp] | None = None) -> float:
         """The network's time outside its timed ops: this model's own measurement when it has one,
@@ -364,13 +377,33 @@ def extend_table(table: LatencyTable, model: nn.Module, example_inputs, *, analy
 
 def _calibrate(table: LatencyTable, model: nn.Module, example_inputs, a: ChannelAnalysis, ops: list[TimedOp],
                setting: Setting, timer: Timer) -> dict:
-    """The whole model timed once: what its timed ops do not explain is the rest of the network."""
-    whole = time_models({"model": model}, example_inputs, device=setting.device, dtype=setting.dtype,
-                        batch_size=setting.batch_size, channels_last=setting.channels_last, timer=timer)["model"]
+    """The whole model timed, and beside it (same interleaved rounds) the model with every width
+    shrunk by one factor to about half its FLOPs: two points of ``whole = op_scale x (sum of the
+    ops timed alone) + rest``. ``op_scale`` corrects what timing an op alone gets wrong in a way
+    that grows with the widths (caches, allocation, overhead the loop hides), the rest is what
+    does not shrink. With one point (nothing to shrink, or a fit outside ``OP_SCALE_RANGE``) the
+    scale is 1 (or the bound) and the rest what the ops leave of the whole."""
+    half, half_counts = _uniform_half(model, example_inputs)
+    models = {"model": model} | ({"uniform_half": half} if half is not None else {})
+    timed = time_models(models, example_inputs, device=setting.device, dtype=setting.dtype,
+                        batch_size=setting.batch_size, channels_last=setting.channels_last, timer=timer)
+    whole = timed["model"]
     ops_ns = sum(_predict(table.ops[op.signature], op, a) for op in ops)
     model_ns = whole.median * 1e9
     entry = {"model": type(model).__name__, "model_ns": model_ns, "model_spread": whole.spread, "ops_ns": ops_ns,
-             "rest_ns": max(0.0, model_ns - ops_ns), "untimed_ops": _untimed(a, ops, table), "measured": _now()}
+             "untimed_ops": _untimed(a, ops, table), "measured": _now()}
+    scale = 1.0
+    if half is not None:
+        ha = analyze_model(half, example_inputs)
+        half_ops = timed_ops(ha)
+        extend_table(table, half, example_inputs, analysis=ha, timer=timer, setting=setting, calibrate=False)
+        half_ops_ns = sum(_predict(table.ops[op.signature], op, ha) for op in half_ops)
+        half_ns = timed["uniform_half"].median * 1e9
+        scale = _two_point_scale(model_ns, ops_ns, half_ns, half_ops_ns)
+        entry["uniform_half"] = {"model_ns": half_ns, "spread": timed["uniform_half"].spread, "ops_ns": half_ops_ns,
+                                 "widths": half_counts}
+    entry["op_scale"] = scale
+    entry["rest_ns"] = max(0.0, model_ns - scale * ops_ns)
     if whole.spread > BUSY_SPREAD and entry["rest_ns"] > 0.1 * model_ns:  # a swing the ops explain misleads nothing
         # Short op timings fit between other processes' time slices, a whole forward pass does not: on a busy
         # machine the rest of the network (model minus ops) swallows the waiting, and every width looks cheap.
@@ -380,6 +413,47 @@ def _calibrate(table: LatencyTable, model: nn.Module, example_inputs, a: Channel
                             "measure again on a quiet machine (delete the cached table)")
         logger.warning("latency: %s", entry["warning"])
     return entry
+
+
+#: Bounds of the calibrated op scale: outside them the two whole-model timings are noise, not a correction.
+OP_SCALE_RANGE = (0.25, 4.0)
+
+
+def _two_point_scale(model_ns: float, ops_ns: float, half_ns: float, half_ops_ns: float) -> float:
+    """The op scale s of ``whole = s x ops + rest`` through the two timed points, rest >= 0 (else
+    the least-squares s through the origin), within ``OP_SCALE_RANGE``."""
+    lo, hi = OP_SCALE_RANGE
+    if not ops_ns > half_ops_ns > 0 or not (model_ns > 0 and half_ns > 0):
+        return 1.0
+    scale = (model_ns - half_ns) / (ops_ns - half_ops_ns)
+    if model_ns - scale * ops_ns < 0:
+        scale = (model_ns * ops_ns + half_ns * half_ops_ns) / (ops_ns ** 2 + half_ops_ns ** 2)
+    return float(min(hi, max(lo, scale))) if np.isfinite(scale) else 1.0
+
+
+def _uniform_half(model: nn.Module, example_inputs) -> tuple[nn.Module | None, dict | None]:
+    """``model`` with one width multiplier on every prunable layer at half its FLOPs (the second
+    calibration point), and its widths; (None, None) when it has nothing to shrink."""
+    from morphnet.recipes.compress import shrink_uniformly  # the recipes import the costs
+
+    try:
+        with torch.no_grad():
+            half = shrink_uniformly(copy.deepcopy(model).cpu().float(), _cpu(example_inputs), 0.5)
+    except Exception as error:  # noqa: BLE001 - the second point is optional; one timing still calibrates
+        logger.info("latency: no uniform half of %s to calibrate on (%s); one whole-model timing",
+                    type(model).__name__, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None, None
+    widths = {name: m.out_channels for name, m in half.named_modules() if isinstance(m, nn.Conv2d)}
+    widths |= {name: m.out_features for name, m in half.named_modules() if isinstance(m, nn.Linear)}
+    return half.eval(), widths
+
+
+def _cpu(example_inputs):
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs.detach().cpu().float() if example_inputs.is_floating_point() else example_inputs.cpu()
+    if isinstance(example_inputs, (tuple, list)):
+        return type(example_inputs)(_cpu(x) for x in example_inputs)
+    return example_inputs
 
 
 def _untimed(a: ChannelAnalysis, ops: list[TimedOp], table: LatencyTable) -> int:
