@@ -7,7 +7,7 @@ rebuild the slimmer network and retrain it.
 
 from morphnet.control import TargetCost, TargetMissedWarning
 from morphnet.costs.hardware import Hardware, register_hardware
-from morphnet.costs.measured import LatencyTable, measure_latency
+from morphnet.costs.measured import LatencyTable, measure_latency, set_uniform_shrink
 from morphnet.errors import UnsupportedGraphError
 from morphnet.evaluation import compute_cost, cost_table
 from morphnet.export import StructureExporter
@@ -29,6 +29,9 @@ __version__ = "0.1.0"
 
 # a recipe on top of the names above (it imports them), so it comes last
 from morphnet.recipes import compress, recalibrate_batchnorm  # noqa: E402
+from morphnet.recipes.compress import shrink_uniformly as _shrink_uniformly  # noqa: E402
+
+set_uniform_shrink(_shrink_uniformly)  # measured latency's second calibration point: the uniform half
 
 __all__ = [
     "UnsupportedGraphError", "NetworkRegularizer", "ProximalStep",

@@ -34,7 +34,7 @@ import statistics
 import time
 from contextvars import ContextVar, Token
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -431,14 +431,26 @@ def _two_point_scale(model_ns: float, ops_ns: float, half_ns: float, half_ops_ns
     return float(min(hi, max(lo, scale))) if np.isfinite(scale) else 1.0
 
 
+#: ``shrink(model, example_inputs, 0.5)``: the model rebuilt with one width multiplier at half its FLOPs.
+#: Rebuilding is a later stage than costs, so the package registers it (``set_uniform_shrink``, in
+#: ``morphnet/__init__.py``); without it a table is calibrated on one whole-model timing.
+_UNIFORM_SHRINK: Callable | None = None
+
+
+def set_uniform_shrink(shrink: Callable | None) -> None:
+    """Register what builds the second calibration point (``morphnet.recipes.compress.shrink_uniformly``)."""
+    global _UNIFORM_SHRINK
+    _UNIFORM_SHRINK = shrink
+
+
 def _uniform_half(model: nn.Module, example_inputs) -> tuple[nn.Module | None, dict | None]:
     """``model`` with one width multiplier on every prunable layer at half its FLOPs (the second
     calibration point), and its widths; (None, None) when it has nothing to shrink."""
-    from morphnet.recipes.compress import shrink_uniformly  # the recipes import the costs
-
+    if _UNIFORM_SHRINK is None:
+        return None, None
     try:
         with torch.no_grad():
-            half = shrink_uniformly(copy.deepcopy(model).cpu().float(), _cpu(example_inputs), 0.5)
+            half = _UNIFORM_SHRINK(copy.deepcopy(model).cpu().float(), _cpu(example_inputs), 0.5)
     except Exception as error:  # noqa: BLE001 - the second point is optional; one timing still calibrates
         logger.info("latency: no uniform half of %s to calibrate on (%s); one whole-model timing",
                     type(model).__name__, str(error).splitlines()[0] if str(error) else type(error).__name__)
