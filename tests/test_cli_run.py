@@ -14,10 +14,10 @@ from test_pipeline_learns import assert_learning_applied_the_controllers_strengt
 @pytest.fixture(scope="module")
 def fixed_strength_run(tmp_path_factory):
     """A short run with a fixed strength: no correction after rebuild, so the slim network's
-    FLOPs must equal the regularizer's prediction exactly."""
+    FLOPs must equal the regularizer's prediction exactly. A fifth of the training data is held out."""
     out = tmp_path_factory.mktemp("run")
     code = main(["run", "--steps", "120", "--retrain-steps", "40", "--strength", "3e-7", "--uniform-baseline",
-                 "--export-every", "50", "--out", str(out), "--quiet"])
+                 "--val-fraction", "0.2", "--export-every", "50", "--out", str(out), "--quiet"])
     assert code == 0
     return out
 
@@ -85,8 +85,15 @@ def test_the_uniform_network_is_saved_and_a_better_one_is_reported(fixed_strengt
     convs = {name: m.out_channels for name, m in loaded.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert convs and all(convs[name] == width for name, width in uniform["widths"].items() if name in convs)
     assert evaluate(loaded, data.test, "cpu") == pytest.approx(uniform["accuracy"], abs=1e-9)
+    # --val-fraction 0.2: both are scored on the held-out fifth, and the warning reads that split
+    split = data.with_validation(0.2, summary["config"]["seed"])
+    assert len(split.val) == round(0.2 * len(data.train)) == summary["validation"]["examples"]
+    assert not set(split.val.indices) & set(split.train.indices)
+    assert evaluate(loaded, split.val, "cpu") == pytest.approx(uniform["val_accuracy"], abs=1e-9)
+    better = max(("slim", "uniform"), key=lambda k: summary[k]["val_accuracy"])
+    assert summary["validation"]["better"] in (better, "tie")
     warned = any(note.startswith("the uniform network of the same cost scored higher") for note in summary["warnings"])
-    assert warned == (uniform["accuracy"] > slim["accuracy"])
+    assert warned == (uniform["val_accuracy"] > slim["val_accuracy"])
 
 
 def test_the_uniform_warning_names_both_accuracies_and_what_to_keep():
@@ -94,7 +101,14 @@ def test_the_uniform_warning_names_both_accuracies_and_what_to_keep():
 
     worse = {"slim": {"accuracy": 0.81}, "uniform": {"accuracy": 0.84, "dir": "slim_uniform"}}
     (note,) = uniform_notes(worse)
-    assert "84.00% against 81.00%" in note and "slim_uniform/" in note and "morphnet.load_slim" in note
+    assert "84.00% against 81.00% on the test data" in note and "--val-fraction" in note
+    assert "slim_uniform/" in note and "morphnet.load_slim" in note
+    # with held-out validation scores those decide, whatever the test says
+    held = {"slim": {"accuracy": 0.81, "val_accuracy": 0.80}, "uniform": {"accuracy": 0.84, "val_accuracy": 0.79}}
+    assert uniform_notes(held) == []
+    held["uniform"]["val_accuracy"] = 0.83
+    (note,) = uniform_notes(held)
+    assert "83.00% against 80.00% on the held-out validation data" in note
     assert uniform_notes({"slim": {"accuracy": 0.84}, "uniform": {"accuracy": 0.84}}) == []
     assert uniform_notes({"slim": {"accuracy": 0.85}, "uniform": {"accuracy": 0.84}}) == []
     assert uniform_notes({"slim": {"accuracy": 0.85}}) == [] and uniform_notes({"slim": {}, "uniform": None}) == []
@@ -303,3 +317,20 @@ def test_finetune_compares_with_the_uniform_network_unless_told_not_to(tmp_path)
     assert config("--seed-weights", str(weights), "--finetune", "--no-uniform-baseline").uniform_baseline is False
     assert config().uniform_baseline is False
     assert config("--uniform-baseline").uniform_baseline is True
+
+
+def test_val_fraction_is_checked_before_anything_runs(tmp_path, capsys):
+    """--val-fraction needs the uniform network to compare with, a share below a half, and data that
+    leaves both parts non-empty; each mistake is one line naming the option, and no run folder."""
+    from morphnet.data import load_data
+    from morphnet.data.bundle import DataError
+    from morphnet.pipeline import RunConfig
+
+    with pytest.raises(ValueError, match="--val-fraction .* add --uniform-baseline"):
+        RunConfig(val_fraction=0.1)
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \[0, 0.5\), got 0.6"):
+        RunConfig(val_fraction=0.6, uniform_baseline=True)
+    assert main(["run", "--val-fraction", "0.1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "--uniform-baseline" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    with pytest.raises(DataError, match="digits: --val-fraction 1e-06 of .* leaves 0 for validation"):
+        load_data("digits").with_validation(1e-6)

@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "(with --finetune: compress the trained seed that way, the default there)")
     uniform.add_argument("--no-uniform-baseline", dest="uniform_baseline", action="store_false", default=None,
                          help="with --finetune: skip the uniform network (halves the fine-tuning time)")
+    run.add_argument("--val-fraction", type=float, default=None,
+                     help="hold out this share of the training data (e.g. 0.1; no step trains on it) and compare "
+                          "the slim and uniform networks on it, so that choosing between them never reads the "
+                          "test data (needs the uniform baseline)")
     run.add_argument("--no-latency-check", action="store_true",
                      help="do not time the seed, slim and uniform networks at the end of the run")
     _run_options(run, "run folder (default morphnet_run)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 
 class DataError(ValueError):
@@ -62,6 +62,19 @@ class DataBundle:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]  # one example, e.g. (C, H, W)
+    val: Dataset | None = None  # held out of the training data (``with_validation``), when asked for
+
+    def with_validation(self, fraction: float, seed: int = 0) -> "DataBundle":
+        """The same task with ``fraction`` of the training examples (a fixed random draw from ``seed``)
+        moved to a validation set that no step trains on."""
+        n = len(self.train)
+        held = int(round(n * fraction))
+        if not 0 < held < n:
+            raise DataError(f"{self.name}: --val-fraction {fraction} of {n} training examples leaves "
+                            f"{held} for validation and {n - held} for training; choose a fraction that leaves both")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        return DataBundle(self.name, Subset(self.train, order[held:]), self.test, self.num_classes, self.input_shape,
+                          val=Subset(self.train, order[:held]))
 
     def example_inputs(self, batch_size: int = 1) -> torch.Tensor:
         """A batch of real training examples, used to trace the model for analysis."""

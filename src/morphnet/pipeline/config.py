@@ -58,6 +58,7 @@ class RunConfig:
     finetune: bool = False
     finetune_lr: float | None = None
     learn_fraction: float = 0.0
+    val_fraction: float = 0.0  # > 0: hold out this share of the training data to compare slim and uniform on
     image_size: int | None = None
     out: str = "morphnet_run"
     device: str = "auto"
@@ -131,6 +132,11 @@ class RunConfig:
             raise ValueError("--finetune compresses a trained network: pass its weights with --seed-weights PATH")
         if self.finetune and self.target_cost is None:
             raise ValueError("--finetune lands on a budget: pass --target-cost (a fraction of the seed's cost)")
+        if not 0 <= self.val_fraction < 0.5:
+            raise ValueError(f"--val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.val_fraction and not self.uniform_baseline:
+            raise ValueError("--val-fraction holds out data to compare the slim network with the uniform one: "
+                             "add --uniform-baseline")
         if not 0 <= self.learn_fraction < 1:
             raise ValueError(f"--learn-fraction must be in [0, 1), got {self.learn_fraction}")
         if not 0 < self.tolerance < 1:

@@ -17,7 +17,7 @@ from morphnet.pipeline.finetune import compress_stage, finetuned, learn_result
 from morphnet.pipeline.rebuild import check_structure, load_structure
 from morphnet.pipeline.session import Session, folder_mode
 from morphnet.pipeline.stages import (learn_stage, measure, rebuild_stage, retrain_stage, seed_stage, slim_stage,
-                                      uniform_stage)
+                                      uniform_stage, validation_stage)
 from morphnet.pipeline.summary import finish, input_summary, learn_summary, slim_summary
 from morphnet.pipeline.tables import attention_table, layer_table, learned_model
 from morphnet.reporting import format_attention, format_number, format_widths, write_report
@@ -58,6 +58,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if cfg.uniform_baseline:
             summary["uniform"], summary["seconds"]["retrain_uniform"] = uniform_stage(
                 session, result.seed_widths, slim_stats["cost"], history)
+        validation_stage(session, summary)
         summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
         return finish(session, summary, history)
     except Exception as error:
@@ -97,6 +98,7 @@ def _compress_pipeline(session) -> dict[str, Any]:
                               "widths": uniform_report["widths"], "training": "the same, one width multiplier",
                               "dir": files.SLIM_UNIFORM}
         summary["seconds"]["compress_uniform"] = uniform_report["seconds"]
+    validation_stage(session, summary)
     summary["latency"] = latency.measure_run(session, summary, result.seed_widths, rebuilt.model)
     return finish(session, summary, history)
 

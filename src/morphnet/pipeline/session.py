@@ -122,6 +122,8 @@ class Session:
             if self.ctx.device.type == "cpu":
                 torch.set_num_threads(cfg.threads or idle_threads())
             self.data, self.seed_kwargs = prepare_model_and_data(cfg, self.log)
+            if cfg.val_fraction:  # the same draw on every rank and on --resume (seeded by --seed)
+                self.data = self.data.with_validation(cfg.val_fraction, cfg.seed)
             if mode == "resume":
                 self._check_resumable()
             self.example = self.data.example_inputs(1)

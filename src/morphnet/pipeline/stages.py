@@ -190,6 +190,26 @@ def uniform_stage(session: Session, seed_widths: dict[str, int], budget: float,
 
 
 
+def validation_stage(session: Session, summary: dict[str, Any]) -> None:
+    """With ``--val-fraction``: the slim and uniform networks, as saved, scored on the held-out part of
+    the training data (``val_accuracy``), and which is better there (``summary["validation"]``): the
+    comparison a user may act on without reading the test data."""
+    val = session.data.val
+    if val is None or not session.ctx.is_main:
+        return
+    scores = {}
+    for name, folder in (("slim", files.SLIM), ("uniform", files.SLIM_UNIFORM)):
+        part = summary.get(name)
+        if part and (session.out / folder / "structure.json").is_file():
+            model = morphnet.load_slim(session.new_seed, session.out / folder, session.example)
+            part["val_accuracy"] = scores[name] = evaluate(model.to(session.ctx.device), val, session.ctx.device)
+    better = (None if len(scores) < 2 else "tie" if scores["slim"] == scores["uniform"] else
+              max(scores, key=scores.get))
+    summary["validation"] = {"fraction": session.cfg.val_fraction, "examples": len(val), "better": better}
+    session.log(f"validation ({len(val)} held-out training examples): "
+                + ", ".join(f"{name} {score:.2%}" for name, score in scores.items()))
+
+
 def seed_stage(session: Session, history: dict) -> tuple[float | None, float | None, str | None]:
     """The seed's accuracy for comparison: measured as given with ``--seed-weights``, else trained
     from scratch with the slim network's recipe (unless ``--no-baseline``). Returns (accuracy,

@@ -81,16 +81,21 @@ def outcome(summary: dict[str, Any]) -> list[str]:
 
 
 def uniform_notes(summary: dict[str, Any]) -> list[str]:
-    """A plain warning when the uniform network of the same cost, trained the same way, scored higher
-    than the slim network: one run's learned structure is not always better, and the user should know
-    which network to keep (both are saved)."""
+    """A plain warning when the uniform network of the same cost, trained the same way, did better than
+    the slim network: one run's learned structure is not always better, and the user should know which
+    network to keep (both are saved). Judged on the held-out validation data when the run has it
+    (``--val-fraction``), else on the test data, and then it says so."""
     slim, uniform = summary.get("slim") or {}, summary.get("uniform") or {}
-    if slim.get("accuracy") is None or uniform.get("accuracy") is None or uniform["accuracy"] <= slim["accuracy"]:
+    key = "val_accuracy" if slim.get("val_accuracy") is not None and uniform.get("val_accuracy") is not None \
+        else "accuracy"
+    if slim.get(key) is None or uniform.get(key) is None or uniform[key] <= slim[key]:
         return []
-    return [f"the uniform network of the same cost scored higher than the slim network ({uniform['accuracy']:.2%} "
-            f"against {slim['accuracy']:.2%}, trained the same way): this run's learned structure did not pay off. "
+    where = ("on the held-out validation data" if key == "val_accuracy" else
+             "on the test data; to choose between them without reading it, run with --val-fraction 0.1")
+    return [f"the uniform network of the same cost scored higher than the slim network ({uniform[key]:.2%} "
+            f"against {slim[key]:.2%} {where}, trained the same way): this run's learned structure did not pay off. "
             f"Keep the uniform one ({uniform.get('dir', files.SLIM_UNIFORM)}/, load it with morphnet.load_slim), or "
-            f"learn again with another --seed or more --steps and compare on data you did not test on"]
+            f"learn again with another --seed or more --steps"]
 
 
 def reduction(summary: dict[str, Any]) -> dict[str, float] | None:

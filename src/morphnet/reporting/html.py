@@ -101,6 +101,8 @@ def write_report(run_dir: str | Path) -> Path:
     columns = [seed, slim or {"cost": learned["cost"]}] + ([summary["uniform"]] if summary.get("uniform") else [])
     rows = [("FLOPs (MorphNet)", "flops", format_number), ("FLOPs (FlopCounterMode)", "flops_counted", format_number),
             ("parameters", "params", format_number), ("test accuracy", "accuracy", pct)]
+    if any(c.get("val_accuracy") is not None for c in columns):
+        rows.append(("validation accuracy", "val_accuracy", pct))
     if target["resource"] != "flops" or not slim:
         rows.insert(0, (f"{target['cost_name']} ({target['unit']})", "cost", format_number))
     figures = [[label] + [fmt(c.get(key)) for c in columns] for label, key, fmt in rows]

@@ -83,6 +83,8 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
         row("FLOPs (FlopCounterMode)", "flops_counted")
         row("parameters", "params")
         row("test accuracy", "accuracy", _percent, ratio=False)
+        if any(column.get("val_accuracy") is not None for _, column in columns):
+            row("validation accuracy", "val_accuracy", _percent, ratio=False)
     if target["target_cost"] is not None and compressed:
         lines.append(f"target {format_number(target['target_cost'])} {unit}: landed at {format_number(learned['cost'])} "
                      f"({learned['target_error']:+.2%}; never above it, within one channel group)")
