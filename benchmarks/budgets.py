@@ -65,14 +65,22 @@ from morphnet.pipeline.learn import learn_structure
 from morphnet.pipeline.regularizers import register_regularizer
 from morphnet.pipeline.training import count_flops, count_params, evaluate, train
 from morphnet.seeds import create_seed
+from morphnet.seeds.registry import register_seed
 
 
 @dataclass(frozen=True)
 class Setting:
-    """Data, seed network and recipe; fixed before any MorphNet arm ran."""
+    """Data, seed network and recipe; fixed before any MorphNet arm ran (task A; tasks B and C in
+    ``TASKS`` change the network and the image distribution, issue 23)."""
 
     model: str = "resnet14"
     image_size: int = 16
+    task: str = "A"
+    task_seed: int = 0  # the generator's classes and atoms
+    num_classes: int = 10
+    noise: float = 0.35
+    distractors: int = 4
+    seed_options: tuple[tuple[str, object], ...] = ()  # extra arguments of the seed network
     n_train: int = 20000
     n_val: int = 5000
     n_test: int = 10000
@@ -91,20 +99,44 @@ QUICK = Setting(n_train=512, n_val=256, n_test=256, budgets=(1 / 4,), steps=10, 
                 calibration_widths=(1.0, 0.25), calibration_seeds=1)
 
 
+@register_seed
+def vgg6(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """A plain VGG-style network for task C: five 3x3 conv-BN-ReLU layers (32-64-64-128-128 channels
+    at ``width`` 1, max-pooling after the second and fourth), global average pooling, one linear."""
+    widths = [max(1, round(c * width)) for c in (32, 64, 64, 128, 128)]
+    layers, previous = [], in_channels
+    for i, c in enumerate(widths):
+        layers += [nn.Conv2d(previous, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        if i in (1, 3):
+            layers.append(nn.MaxPool2d(2))
+        previous = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(previous, num_classes))
+
+
+#: The reliability tasks (issue 23): unlike task A in network family, number of classes, image
+#: distribution (another generator seed, noise and distractors) and, for C, resolution. Fixed
+#: before any of their rows (docs/benchmarks.md, "Reliability beyond one task").
+TASKS = {
+    "A": Setting(),
+    "B": Setting(model="mobilenetv2_cifar", seed_options=(("width", 0.5),), task="B", task_seed=1, num_classes=20,
+                 noise=0.3, distractors=3),
+    "C": Setting(model="vgg6", image_size=24, task="C", task_seed=2, num_classes=10, noise=0.25, distractors=6),
+}
+
+
 def load_splits(s: Setting) -> tuple[DataBundle, TensorImages]:
     """The generated task at ``s.image_size``: a bundle whose ``test`` is the validation split
     (all learning and every choice sees only it), and the test split apart."""
-    generator = SyntheticImages(seed=0)
+    generator = SyntheticImages(seed=s.task_seed, num_classes=s.num_classes, noise=s.noise, distractors=s.distractors)
 
     def split(n: int, sample_seed: int) -> TensorImages:
         x, y = generator.sample(n, seed=sample_seed)
-        factor = x.shape[-1] // s.image_size
-        if factor > 1:
-            x = F.avg_pool2d(x.float(), factor).round().clamp(0, 255).to(torch.uint8)
+        if x.shape[-1] != s.image_size:  # area averaging (exactly avg_pool2d where the sizes divide)
+            x = F.adaptive_avg_pool2d(x.float(), s.image_size).round().clamp(0, 255).to(torch.uint8)
         return TensorImages(x, y, mean=0.5, std=0.25)
 
     train_set, val_set, test_set = split(s.n_train, 1001), split(s.n_val, 1002), split(s.n_test, 1003)
-    bundle = DataBundle(name=f"synthetic{s.image_size}", train=train_set, test=val_set, num_classes=10,
+    bundle = DataBundle(name=f"synthetic{s.image_size}", train=train_set, test=val_set, num_classes=s.num_classes,
                         input_shape=(3, s.image_size, s.image_size))
     return bundle, test_set
 
@@ -202,7 +234,9 @@ class Bench:
 
     def new_seed(self, seed: int, width: float = 1.0) -> nn.Module:
         torch.manual_seed(seed)
-        return create_seed(self.s.model, num_classes=10, in_channels=3, width=width)
+        options = dict(self.s.seed_options)
+        width *= options.pop("width", 1.0)  # the task's seed width, times the calibration's multiplier
+        return create_seed(self.s.model, num_classes=self.s.num_classes, in_channels=3, width=width, **options)
 
     def done(self, seed: int, arm: str, budget: float | None) -> dict | None:
         for row in self.rows:
@@ -607,6 +641,8 @@ def main() -> None:
                         help="run the phase at these budgets only (default 1/8 1/4 1/2)")
     parser.add_argument("--combine", nargs="+", metavar="JSONL", help="no training: merge runs, compare and plot")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, one seed (test suite)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="A",
+                        help="A: the budget benchmark's task (default); B, C: the reliability tasks of issue 23")
     parser.add_argument("--recipe", choices=RECIPES, default="gamma-sum", help="the candidate of --phase recipe")
     parser.add_argument("--unseal", action="store_true",
                         help="count the recipe phase's sealed test scores in the table (after choosing on validation)")
@@ -615,12 +651,15 @@ def main() -> None:
                                       "(default benchmarks/results/budgets_cpu)")
     args = parser.parse_args()
     setup_cpu(args.threads)
-    s = QUICK if args.quick else Setting()
+    task = TASKS[args.task]
+    s = replace(QUICK, **{k: getattr(task, k) for k in ("model", "image_size", "task", "task_seed", "num_classes",
+                                                        "noise", "distractors", "seed_options")}) if args.quick else task
     if args.seeds:
         s = replace(s, seeds=args.seeds, calibration_seeds=args.seeds)
     if args.budgets:
         s = replace(s, budgets=tuple(args.budgets))
-    out = Path(args.out or RESULTS / f"budgets_cpu{'_quick' if args.quick else ''}")
+    out = Path(args.out or RESULTS / f"budgets_cpu{'' if args.task == 'A' else '_task' + args.task}"
+                                     f"{'_quick' if args.quick else ''}")
     if args.combine:
         rows, seen = [], set()
         for f in args.combine:
@@ -639,7 +678,8 @@ def main() -> None:
         bench = Bench(s, device, out.with_suffix(".jsonl"))
         env = environment(device)
         seed_flops = bench.seed_flops
-        print(f"{s.model} at {s.image_size}x{s.image_size} ({bench.seed_flops:.0f} FLOPs), phase {args.phase}, "
+        print(f"task {s.task}: {s.model} at {s.image_size}x{s.image_size}, {s.num_classes} classes "
+              f"({bench.seed_flops:.0f} FLOPs), phase {args.phase}, "
               f"seeds {args.first_seed}..{args.first_seed + s.seeds - 1}, on {env['device_name']}", flush=True)
         start = time.perf_counter()
         PHASES[args.phase](bench, args.first_seed, **({"name": args.recipe} if args.phase == "recipe" else {}))
