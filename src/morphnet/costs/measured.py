@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from morphnet.channels import ChannelAnalysis, analyze_model
@@ -450,7 +451,8 @@ def _uniform_half(model: nn.Module, example_inputs) -> tuple[nn.Module | None, d
         return None, None
     try:
         with torch.no_grad():
-            half = _UNIFORM_SHRINK(copy.deepcopy(model).cpu().float(), _cpu(example_inputs), 0.5)
+            half = _UNIFORM_SHRINK(copy.deepcopy(model).cpu().float(), pytree.tree_map_only(
+                torch.Tensor, lambda t: t.detach().cpu().float() if t.is_floating_point() else t.cpu(), example_inputs), 0.5)
     except Exception as error:  # noqa: BLE001 - the second point is optional; one timing still calibrates
         logger.info("latency: no uniform half of %s to calibrate on (%s); one whole-model timing",
                     type(model).__name__, str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -458,14 +460,6 @@ def _uniform_half(model: nn.Module, example_inputs) -> tuple[nn.Module | None, d
     widths = {name: m.out_channels for name, m in half.named_modules() if isinstance(m, nn.Conv2d)}
     widths |= {name: m.out_features for name, m in half.named_modules() if isinstance(m, nn.Linear)}
     return half.eval(), widths
-
-
-def _cpu(example_inputs):
-    if isinstance(example_inputs, torch.Tensor):
-        return example_inputs.detach().cpu().float() if example_inputs.is_floating_point() else example_inputs.cpu()
-    if isinstance(example_inputs, (tuple, list)):
-        return type(example_inputs)(_cpu(x) for x in example_inputs)
-    return example_inputs
 
 
 def _untimed(a: ChannelAnalysis, ops: list[TimedOp], table: LatencyTable) -> int:

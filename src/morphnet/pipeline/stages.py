@@ -188,8 +188,6 @@ def uniform_stage(session: Session, seed_widths: dict[str, int], budget: float,
             "dir": files.SLIM_UNIFORM}, seconds
 
 
-
-
 def validation_stage(session: Session, summary: dict[str, Any]) -> None:
     """With ``--val-fraction``: the slim and uniform networks, as saved, scored on the held-out part of
     the training data (``val_accuracy``), and which is better there (``summary["validation"]``): the
