@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import RESULTS, environment, resolve_device, setup_cpu, write_results
-from stats import mean_sd, pooled_verdict
+from stats import mean_sd, paired_verdict, pooled_verdict
 from torch import nn
 
 import morphnet
@@ -546,6 +546,61 @@ def compare(rows: list[dict], recipe: str | None = None) -> dict:
     return {"table": table, "morphnet_by_validation": picks}
 
 
+#: Issue 23's goal at one budget (docs/benchmarks.md, "Reliability beyond one task", rule 1): the learned
+#: structure's per-seed gap to its uniform twin (same seed, same data order and schedule)
+WORST_SEED_GAP = -0.01
+
+
+def reliability(rows: list[dict]) -> list[dict]:
+    """Rule 1 per budget and learned arm: the paired gap to the uniform network of the same seed, on
+    validation and (where the rows carry it: unsealed) on test. The goal holds when the mean gap is
+    positive, no seed is more than a point below its twin and the learned sd is no larger than the
+    uniform one's; each row says which of the three fail."""
+    uniform = {(r["seed"], r["budget"]): r for r in rows if r["arm"] == "uniform" and r["budget"] is not None}
+    arms = sorted({(r["arm"], r["budget"]) for r in rows if r["budget"] not in (None, 1.0)
+                   and not r["arm"].startswith(("uniform", "calibration", "learn", "seed"))},
+                  key=lambda k: (k[1], k[0]))
+    out = []
+    for arm, budget in arms:
+        pairs = sorted((r["seed"], r, uniform[(r["seed"], budget)]) for r in rows
+                       if r["arm"] == arm and r["budget"] == budget and (r["seed"], budget) in uniform)
+        if not pairs:
+            continue
+        entry = {"budget": budget, "arm": arm, "seeds": [seed for seed, _, _ in pairs]}
+        for split in ("val", "test"):
+            if not all(split in a and split in u for _, a, u in pairs):
+                continue
+            learned, twins = [a[split] for _, a, _ in pairs], [u[split] for _, _, u in pairs]
+            verdict = paired_verdict(learned, twins)
+            learned_sd, uniform_sd = (_stats(v)[1] for v in (learned, twins))
+            failed = [why for why, bad in (("mean gap not positive", verdict["gap"] <= 0),
+                                           ("a seed more than 1 point below its twin",
+                                            min(verdict["diffs"]) < WORST_SEED_GAP),
+                                           ("learned sd above the uniform one's", learned_sd > uniform_sd + 1e-9)) if bad]
+            entry[split] = {"gaps": verdict["diffs"], "mean_gap": verdict["gap"], "two_paired_se": verdict["two_se"],
+                            "worst_gap": min(verdict["diffs"]), "learned_sd": learned_sd, "uniform_sd": uniform_sd,
+                            "goal_met": not failed and len(pairs) > 1, "failed": failed}
+        out.append(entry)
+    return out
+
+
+def reliability_report(entries: list[dict]) -> str:
+    """Rule 1 as Markdown: per budget and arm, the per-seed gaps and whether the goal holds."""
+    lines = ["| budget | arm | split | per-seed gap (points) | mean ± 2 paired SE | sd learned / uniform | goal |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        for split in ("val", "test"):
+            if split not in e:
+                continue
+            r = e[split]
+            gaps = ", ".join(f"{100 * g:+.2f}" for g in r["gaps"])
+            goal = "met" if r["goal_met"] else "not met: " + "; ".join(r["failed"] or ["one seed"])
+            lines.append(f"| {e['budget']:g} | {e['arm']} | {split} | {gaps} | {100 * r['mean_gap']:+.2f} ± "
+                         f"{100 * r['two_paired_se']:.2f} | {100 * r['learned_sd']:.2f} / {100 * r['uniform_sd']:.2f} | "
+                         f"{goal} |")
+    return "\n".join(lines)
+
+
 def calibration_summary(rows: list[dict]) -> list[dict]:
     out = []
     widths = sorted({r["budget"] for r in rows if r["arm"] == "calibration"}, reverse=True)
@@ -693,11 +748,14 @@ def main() -> None:
     report(summary, calibration)
     if summary["table"]:
         print("\n" + markdown(summary))
+    paired = reliability(rows)
+    if paired:
+        print("\nrule 1 (issue 23): paired by seed against the uniform twin\n" + reliability_report(paired))
     trained = [r for r in rows if "flops" in r]
     if seed_flops is None and trained:
         seed_flops = trained[0]["flops"] / trained[0]["flops_fraction"]
     payload = {"environment": env, "setting": vars(s) if not args.combine else None, "calibration": calibration,
-               **summary, "rows": rows}
+               **summary, "reliability": paired, "rows": rows}
     write_results(out.with_suffix(".json"), payload, trained or None)
     if seed_flops:
         plot(rows, out.with_suffix(".png"), seed_flops, args.recipe if args.unseal else None)

@@ -436,3 +436,32 @@ def test_budgets_and_pareto_tables_take_their_verdicts_from_the_shared_rule(monk
     (comparison,) = pareto.compare(rows)
     assert comparison["verdict"] == "loss" and comparison["seeds"] == 3
     assert comparison["gap"] == round(expected["gap"], 4) and comparison["pooled_se"] == round(expected["two_se"] / 2, 4)
+
+
+def test_budgets_rule_one_pairs_each_seed_with_its_uniform_twin(monkeypatch):
+    """Issue 23's rule 1: per-seed gaps against the uniform network of the same seed; the goal fails on a
+    seed more than a point behind even when the mean gap is positive, and on a wider spread; sealed test
+    scores stay out until unsealed."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import budgets
+
+    uniform = [0.80, 0.81, 0.82]
+    rows = [{"seed": s, "arm": "uniform", "budget": 0.25, "val": u, "test": u} for s, u in enumerate(uniform)]
+    rows += [{"seed": s, "arm": "uniform", "budget": None, "val": 0.9, "test": 0.9} for s in range(3)]
+    rows += [{"seed": s, "arm": "at-budget:gamma-floor", "budget": 0.25, "val": u + g, "sealed_test": u + g}
+             for s, (u, g) in enumerate(zip(uniform, (0.03, 0.02, -0.015)))]
+    rows += [{"seed": s, "arm": "at-budget", "budget": 0.25, "val": u + 0.005, "test": u + 0.005}
+             for s, u in enumerate(uniform)]
+    rows += [{"seed": 0, "arm": "learn:gamma-floor", "budget": 0.25, "val": 0.5}]
+    by_arm = {e["arm"]: e for e in budgets.reliability(rows)}
+    assert set(by_arm) == {"at-budget", "at-budget:gamma-floor"}
+    sealed = by_arm["at-budget:gamma-floor"]
+    assert "test" not in sealed and sealed["seeds"] == [0, 1, 2]
+    val = sealed["val"]
+    assert val["gaps"] == pytest.approx([0.03, 0.02, -0.015]) and val["mean_gap"] == pytest.approx(0.035 / 3)
+    assert val["worst_gap"] == pytest.approx(-0.015) and not val["goal_met"]
+    assert val["failed"] == ["a seed more than 1 point below its twin", "learned sd above the uniform one's"]
+    steady = by_arm["at-budget"]["test"]
+    assert steady["goal_met"] and steady["failed"] == [] and steady["mean_gap"] == pytest.approx(0.005)
+    table = budgets.reliability_report(budgets.reliability(rows))
+    assert "| 0.25 | at-budget:gamma-floor | val | +3.00, +2.00, -1.50 |" in table and "not met" in table
