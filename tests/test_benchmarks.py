@@ -272,17 +272,30 @@ def test_budgets_long_phase_retrains_uniform_and_the_pick_twice_as_long(tmp_path
 @pytest.mark.parametrize("task, model, classes, size", [("B", "mobilenetv2_cifar", 20, 16), ("C", "vgg6", 10, 24)])
 def test_budgets_reliability_tasks_change_the_network_and_the_images(tmp_path, task, model, classes, size):
     """Issue 23's tasks: the README's recipe (gamma-floor) against the uniform network on another
-    network family, class count, generator and resolution; the setting records what was run."""
+    network family, class count, generator and resolution; the setting records what was run. Task C
+    runs the recipe at the budget only and gets rule 1's paired reading against the uniform twin."""
     prefix = tmp_path / task
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "budgets.py"), "--quick", "--device", "cpu", "--task", task,
-                           "--phase", "recipe", "--recipe", "gamma-floor", "--out", str(prefix)], check=False,
-                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def phase(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "budgets.py"), "--quick", "--device", "cpu", "--task",
+                               task, *args, "--out", str(prefix)], check=False, capture_output=True, text=True,
+                              timeout=300, cwd=BENCHMARKS.parent)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    if task == "C":
+        phase("--phase", "uniform")
+    done = phase("--phase", "recipe", "--recipe", "gamma-floor", *(["--at-budget-only"] if task == "C" else []))
     result = json.loads(prefix.with_suffix(".json").read_text())
     setting = result["setting"]
     assert (setting["task"], setting["model"], setting["num_classes"], setting["image_size"]) == (task, model, classes, size)
     rows = result["rows"]
     assert {r["arm"] for r in rows} >= {"learn:gamma-floor", "at-budget:gamma-floor"}
+    if task == "C":
+        assert {r["arm"] for r in rows} == {"uniform", "learn:gamma-floor", "at-budget:gamma-floor"}
+        (entry,) = result["reliability"]
+        assert entry["arm"] == "at-budget:gamma-floor" and "test" not in entry and len(entry["val"]["gaps"]) == 1
+        assert "rule 1 (issue 23)" in done.stdout
     trained = [r for r in rows if "flops" in r]
     assert trained and all(0 < r["flops_fraction"] <= 1.0001 and 0 <= r["val"] <= 1 for r in trained)
     assert f"task {task}: {model} at {size}x{size}, {classes} classes" in done.stdout
