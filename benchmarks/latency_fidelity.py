@@ -295,6 +295,7 @@ def run_model(name: str, cfg: dict, device: torch.device, hardware: str, quick: 
             v[f"latency_ms_b{b}"] = round(1e3 * median(s[b]), 4)
             v[f"fastest_round_ms_b{b}"] = round(1e3 * min(s[b]), 4)
             v[f"round_spread_b{b}"] = round((max(s[b]) - min(s[b])) / median(s[b]), 4)
+            v[f"rounds_ms_b{b}"] = [round(1e3 * t, 4) for t in s[b]]
 
     summary = {}
     for b in cfg["batches"]:
@@ -307,6 +308,7 @@ def run_model(name: str, cfg: dict, device: torch.device, hardware: str, quick: 
         s.update({f"fraction_error_{k}": _fraction_error(measured, p, variants.index(seed_row(variants)))
                   for k, p in predictions.items()})
         s.update({f"spearman_{k}_fastest_round": _spearman(fastest, p) for k, p in predictions.items()})
+        s["spearman_repeat"] = split_half_spearman([v[f"rounds_ms_b{b}"] for v in variants])
         seed_row_ = seed_row(variants)
         s.update({
             "rounding_speedup_median": _rounding_effect(variants, f"latency_ms_b{b}"),
@@ -328,6 +330,15 @@ def run_model(name: str, cfg: dict, device: torch.device, hardware: str, quick: 
 
 def _spearman(a, b) -> float:
     return round(float(spearmanr(a, b)[0]), 3)
+
+
+def split_half_spearman(rounds: list[list[float]]) -> float | None:
+    """How well the timing ranks the variants against itself: Spearman between the medians of the
+    even and of the odd timing rounds (None with fewer than 2 rounds). No predictor can be expected
+    to rank the variants much better than the measurement repeats its own ranking."""
+    if min(len(r) for r in rounds) < 2:
+        return None
+    return _spearman([median(r[0::2]) for r in rounds], [median(r[1::2]) for r in rounds])
 
 
 def seed_row(variants: list[dict]) -> dict:
@@ -410,12 +421,13 @@ def main() -> None:
     print(f"\nSpearman rank correlation with measured latency on {env['device_name']} ({device.type}), "
           f"{'bf16 channels_last' if device.type == 'cuda' else f'fp32, {args.threads} thread(s)'}:")
     print(f"{'network':20} {'batch':>5} {'variants':>8} {'FLOPs':>7} {'roofline':>9} {'measured':>9}   "
-          f"{'seed ms':>8} {'model/real':>10} {'spread':>7} {'slower':>6}")
+          f"{'repeat':>7} {'seed ms':>8} {'model/real':>10} {'spread':>7} {'slower':>6}")
     for name in cfg["models"]:
         for b in cfg["batches"]:
             s = summary[name][f"batch_{b}"]
             print(f"{name:20} {b:5d} {per_model[name]['variants']:8d} {s['spearman_flops']:+7.3f} "
-                  f"{s['spearman_roofline']:+9.3f} {s['spearman_measured']:+9.3f}   {s['seed_ms']:8.3f} "
+                  f"{s['spearman_roofline']:+9.3f} {s['spearman_measured']:+9.3f}   "
+                  f"{'n/a' if s['spearman_repeat'] is None else format(s['spearman_repeat'], '+.3f'):>7} {s['seed_ms']:8.3f} "
                   f"{s['measured_model_ratio_median']:10.3f} {s['round_spread_median']:7.1%} {s['slower_than_seed']:6d}")
     print("model/real: the measured model's prediction over the measured latency (median over variants); "
           "slower: variants slower than the seed")

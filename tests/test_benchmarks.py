@@ -151,6 +151,9 @@ def test_latency_fidelity_variants_are_what_the_docs_say(quick):
         for batch in (small, large):
             summary = result["summary"][model][f"batch_{batch}"]
             assert all(math.isfinite(summary[f"spearman_{p}"]) for p in ("flops", "roofline", "measured"))
+            rounds = {len(row[f"rounds_ms_b{batch}"]) for row in mine}
+            assert rounds == {result["settings"]["rounds"]}
+            assert (summary["spearman_repeat"] is None) == (rounds == {1})
         tables = result["settings"]["per_model"][model]["tables"]
         assert {t["key"]["batch_size"] for t in tables.values()} == {small, large}
     assert all(row["flops"] == digits_cnn_flops(row["counts"]) for row in rows if row["model"] == "digits_cnn")
@@ -478,3 +481,16 @@ def test_budgets_rule_one_pairs_each_seed_with_its_uniform_twin(monkeypatch):
     assert steady["goal_met"] and steady["failed"] == [] and steady["mean_gap"] == pytest.approx(0.005)
     table = budgets.reliability_report(budgets.reliability(rows))
     assert "| 0.25 | at-budget:gamma-floor | val | +3.00, +2.00, -1.50 |" in table and "not met" in table
+
+
+def test_latency_fidelity_repeat_ceiling_is_the_split_half_ranking_of_the_rounds(monkeypatch):
+    """The ceiling printed beside the predictors: rounds that repeat one ranking give 1, rounds whose
+    even and odd halves rank the variants in opposite orders give -1, one round gives no figure."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import latency_fidelity
+
+    steady = [[1.0, 1.1, 1.0, 1.1], [2.0, 2.1, 2.0, 2.2], [3.0, 3.3, 3.1, 3.2]]
+    assert latency_fidelity.split_half_spearman(steady) == 1.0
+    flipped = [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]
+    assert latency_fidelity.split_half_spearman(flipped) == -1.0
+    assert latency_fidelity.split_half_spearman([[1.0], [2.0]]) is None
