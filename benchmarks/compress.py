@@ -235,7 +235,7 @@ class Bench:
         val_pruned = self.val(model)
         if steps:
             finetune(model, batches, steps, lr=self.s.finetune_lr)
-        return {"val_pruned": val_pruned, "finetune_steps": steps}
+        return {"val_pruned": val_pruned, "finetune_steps": steps, "widths": _conv_widths(model)}
 
     def peer_task(self, model: nn.Module, seed: int, budget: float, sparse_steps: int):
         from compress_peers import PeerTask
@@ -243,6 +243,12 @@ class Bench:
         return PeerTask(example=self.example, budget_flops=budget * self.flops(model), train_batches=self.batches,
                         val_score=self.score, count_flops=self.flops, sparse_steps=sparse_steps,
                         lr=self.s.finetune_lr, seed=1000 + seed, ignored=[_classifier(model)])
+
+
+def _conv_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every convolution by module name: the structure a peer chose, to set beside
+    MorphNet's (its ``widths``)."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _classifier(model: nn.Module) -> str:

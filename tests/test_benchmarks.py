@@ -494,3 +494,23 @@ def test_latency_fidelity_repeat_ceiling_is_the_split_half_ranking_of_the_rounds
     flipped = [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]
     assert latency_fidelity.split_half_spearman(flipped) == -1.0
     assert latency_fidelity.split_half_spearman([[1.0], [2.0]]) is None
+
+
+def test_compress_rows_record_the_structure_every_arm_chose(quick, monkeypatch):
+    """Every pruned model's row holds its convolutions' widths (MorphNet's from its report, the peers'
+    and the uniform network's read off the pruned model), so the structures can be set side by side;
+    no width is above the seed's."""
+    result, _ = quick("compress.py")
+    pruned = [r for r in result["rows"] if r.get("budget") and "error" not in r and r["arm"] != "uniform-scratch"]
+    assert {r["arm"] for r in pruned} >= {"morphnet", "uniform-l1", "fastnas"}
+    for r in pruned:
+        assert r["widths"] and all(isinstance(w, int) and w > 0 for w in r["widths"].values()), r["arm"]
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import compress
+
+    seed = compress._conv_widths(compress.create_seed("resnet20", num_classes=10, in_channels=3))
+    for r in pruned:
+        if r["arm"].startswith("morphnet"):
+            continue  # MorphNet's widths are its exporter's alive counts, keyed by the layers it prunes
+        assert set(r["widths"]) == set(seed), r["arm"]  # pruned in place: the seed's convolutions, narrower
+        assert all(r["widths"][name] <= seed[name] for name in seed) and sum(r["widths"].values()) < sum(seed.values())
