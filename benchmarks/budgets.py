@@ -484,15 +484,15 @@ def recipe(bench: Bench, first_seed: int, name: str = "gamma-sum", at_budget_onl
             factor, counts = bench.scale_to(learned["counts"], budget)
             bench.trained(seed, f"at-budget:{name}", budget, counts, sealed=True, factor=factor, learned_at=budget,
                           learned_fraction=learned["learned_fraction"])
-        if at_budget_only:
-            continue
-        for budget in s.budgets:
+        for budget in s.budgets if not at_budget_only else ():
             if budget / 2 in s.budgets:
                 learned = bench.learn(seed, budget / 2, name)
                 factor, counts = bench.scale_to(learned["counts"], budget)
                 bench.trained(seed, f"shrink-expand:{name}", budget, counts, sealed=True, factor=factor,
                               learned_at=budget / 2, learned_fraction=learned["learned_fraction"])
-    for seed in range(first_seed, first_seed + s.seeds if max(s.budgets) >= 0.25 and not at_budget_only else first_seed):
+    if at_budget_only:
+        return
+    for seed in range(first_seed, first_seed + s.seeds if max(s.budgets) >= 0.25 else first_seed):
         # last: the largest budget's structure at full cost (not for a run at small budgets only)
         learned = bench.learn(seed, max(s.budgets), name)
         factor, counts = bench.scale_to(learned["counts"], 1.0)
@@ -560,23 +560,24 @@ def reliability(rows: list[dict]) -> list[dict]:
     validation and (where the rows carry it: unsealed) on test. The goal holds when the mean gap is
     positive, no seed is more than a point below its twin and the learned sd is no larger than the
     uniform one's; each row says which of the three fail."""
-    uniform = {(r["seed"], r["budget"]): r for r in rows if r["arm"] == "uniform" and r["budget"] is not None}
+    twins = {(r["arm"], r["seed"], r["budget"]): r for r in rows if r["arm"].startswith("uniform")}
     arms = sorted({(r["arm"], r["budget"]) for r in rows if r["budget"] not in (None, 1.0)
                    and not r["arm"].startswith(("uniform", "calibration", "learn", "seed"))},
                   key=lambda k: (k[1], k[0]))
     out = []
     for arm, budget in arms:
-        pairs = sorted((r["seed"], r, uniform[(r["seed"], budget)]) for r in rows
-                       if r["arm"] == arm and r["budget"] == budget and (r["seed"], budget) in uniform)
+        reference = REFERENCE.get(arm, "uniform")  # the twin trained on the same schedule, as in ``compare``
+        pairs = sorted((r["seed"], r, twins[(reference, r["seed"], budget)]) for r in rows
+                       if r["arm"] == arm and r["budget"] == budget and (reference, r["seed"], budget) in twins)
         if not pairs:
             continue
-        entry = {"budget": budget, "arm": arm, "seeds": [seed for seed, _, _ in pairs]}
+        entry = {"budget": budget, "arm": arm, "reference": reference, "seeds": [seed for seed, _, _ in pairs]}
         for split in ("val", "test"):
             if not all(split in a and split in u for _, a, u in pairs):
                 continue
-            learned, twins = [a[split] for _, a, _ in pairs], [u[split] for _, _, u in pairs]
-            verdict = paired_verdict(learned, twins)
-            learned_sd, uniform_sd = (_stats(v)[1] for v in (learned, twins))
+            learned, matched = [a[split] for _, a, _ in pairs], [u[split] for _, _, u in pairs]
+            verdict = paired_verdict(learned, matched)
+            learned_sd, uniform_sd = (_stats(v)[1] for v in (learned, matched))
             failed = [why for why, bad in (("mean gap not positive", verdict["gap"] <= 0),
                                            ("a seed more than 1 point below its twin",
                                             min(verdict["diffs"]) < WORST_SEED_GAP),

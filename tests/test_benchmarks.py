@@ -469,8 +469,13 @@ def test_budgets_rule_one_pairs_each_seed_with_its_uniform_twin(monkeypatch):
     rows += [{"seed": s, "arm": "at-budget", "budget": 0.25, "val": u + 0.005, "test": u + 0.005}
              for s, u in enumerate(uniform)]
     rows += [{"seed": 0, "arm": "learn:gamma-floor", "budget": 0.25, "val": 0.5}]
+    # a prune-and-fine-tune arm is paired with its own twin (the uniform network trained as long), not the plain one
+    rows += [{"seed": s, "arm": arm, "budget": 0.25, "val": v, "test": v}
+             for s in range(3) for arm, v in (("finetune", 0.70), ("uniform-long", 0.69))]
     by_arm = {e["arm"]: e for e in budgets.reliability(rows)}
-    assert set(by_arm) == {"at-budget", "at-budget:gamma-floor"}
+    assert set(by_arm) == {"at-budget", "at-budget:gamma-floor", "finetune"}
+    assert by_arm["finetune"]["reference"] == "uniform-long"
+    assert by_arm["finetune"]["val"]["gaps"] == pytest.approx([0.01] * 3)
     sealed = by_arm["at-budget:gamma-floor"]
     assert "test" not in sealed and sealed["seeds"] == [0, 1, 2]
     val = sealed["val"]
